@@ -1,0 +1,146 @@
+"""Multi-head Latent Attention with DeepSeek Sparse Attention (spec 2.4, 2.5).
+
+Attention always runs in the absorbed (MQA) form over the cached 576-d entries
+[normalised latent c (kv_lora_rank) | rotated shared rope key k_pe (qk_rope_head_dim)]:
+
+    q_abs[h]  = q_nope[h] @ W_UK[h]^T                     (W_UK = kv_b rows [0:nope) of head h)
+    logits    = softmax_scale * [q_abs | q_pe] . [c | k_pe]   over the indexer-selected keys
+    o[h]      = (softmax @ c) @ W_UV[h]^T                  (W_UV = kv_b rows [nope:nope+v) of head h)
+
+In float32 this equals the expanded (MHA) form transformers uses. The two ops that touch the
+keys, `indexer_topk` and `sparse_mla`, come from `pallas_kernels` through one seam:
+`attention_impl` ("xla": the plain-jnp reference ops; "pallas": the backend kernels;
+"interpret": the kernels in Pallas interpret mode, for CPU tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv32_jax.config import ModelConfig
+from dsv32_jax.indexer import Indexer
+from dsv32_jax.layers import Linear, RMSNorm, rope_interleaved
+from dsv32_jax.numerics import fp8_round_trip
+from pallas_kernels.indexer_topk import indexer_topk
+from pallas_kernels.sparse_mla import sparse_mla
+
+ATTENTION_IMPLS = {"xla": "reference", "pallas": "auto", "interpret": "interpret"}
+# Query chunk of the plain-XLA path: bounds the [B, chunk, Hi, L] indexer logits and the
+# [B, chunk, K, 576] gathered rows of a long prefill.
+XLA_QUERY_CHUNK = 256
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerCache:
+    """Static per-layer cache, preallocated to S slots.
+
+    latent: [B, S, kv_lora_rank + qk_rope_head_dim] (normalised latent | rotated rope key)
+    index_k: [B, S, index_head_dim] (compute dtype, or float8_e4m3fn in reference numerics)
+    index_k_scale: [B, S] float32, or None when keys are not quantised.
+    """
+    latent: jax.Array
+    index_k: jax.Array
+    index_k_scale: jax.Array | None
+
+    def write(self, positions, latent, index_k, index_k_scale):
+        """Store entries of tokens at absolute `positions` [B, T] (slot = position)."""
+        b = jnp.arange(positions.shape[0])[:, None]
+        new = LayerCache(self.latent.at[b, positions].set(latent.astype(self.latent.dtype)),
+                         self.index_k.at[b, positions].set(index_k.astype(self.index_k.dtype)),
+                         None)
+        if self.index_k_scale is not None:
+            new.index_k_scale = self.index_k_scale.at[b, positions].set(index_k_scale)
+        return new
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None):
+        self.cfg = cfg
+        self.dtype = dtype
+        h = cfg.num_attention_heads
+        lin = dict(dtype=dtype, rngs=rngs, fp8_block=fp8_block)
+        self.q_a = Linear(cfg.hidden_size, cfg.q_lora_rank, axes=("embed", "q_lora"), **lin)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, eps=1e-6, rngs=rngs)
+        self.q_b = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, axes=("q_lora", "heads"), **lin)
+        self.kv_a = Linear(cfg.hidden_size, cfg.kv_dim, axes=("embed", None), **lin)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=1e-6, rngs=rngs)
+        self.kv_b = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                           axes=("kv_lora", "heads"), **lin)
+        self.o = Linear(h * cfg.v_head_dim, cfg.hidden_size, axes=("heads", "embed"), **lin)
+        self.indexer = Indexer(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block)
+
+    def latent(self, x, cos, sin, numerics):
+        """x [B, T, D] -> cache entries [B, T, kv_lora_rank + rope]."""
+        r = self.cfg.kv_lora_rank
+        kv = self.kv_a(x)
+        c = self.kv_norm(kv[..., :r])
+        if numerics == "reference":       # the release's FP8 KV-cache simulation
+            c = fp8_round_trip(c)
+        return jnp.concatenate([c, rope_interleaved(kv[..., r:], cos, sin)], axis=-1)
+
+    def __call__(self, x, positions, cos, sin, *, numerics="exact", attention_impl="xla",
+                 cache: LayerCache | None = None, kv_lengths=None):
+        """x [B, T, D], positions [B, T] int32 absolute, cos/sin [B, T, rope/2].
+
+        Without a cache, the keys are this call's tokens (positions must be 0..T-1).
+        With a cache, this call's entries are written at `positions` and the keys are the
+        whole cache; `kv_lengths` [B] bounds the valid slots.
+        Returns (out [B, T, D], indices [B, T, K] int32, new cache or None).
+        """
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+        qr = self.q_norm(self.q_a(x))
+        q = self.q_b(qr).reshape(b, t, h, cfg.qk_head_dim)
+        q_pe = rope_interleaved(q[..., nope:], cos, sin)
+        wkv_b = self.kv_b.weight().reshape(cfg.kv_lora_rank, h, nope + v)
+        q_abs = jnp.einsum("bthn,chn->bthc", q[..., :nope], wkv_b[..., :nope].astype(q.dtype),
+                           preferred_element_type=jnp.float32).astype(q.dtype)
+        q_full = jnp.concatenate([q_abs, q_pe], axis=-1)                    # [B, T, H, 576]
+
+        latent = self.latent(x, cos, sin, numerics)
+        ik, iks = self.indexer.keys(x, cos, sin, numerics)
+        iq, iw = self.indexer.queries(x, qr, cos, sin, numerics)
+        if cache is None:
+            keys, index_k, index_k_scale = latent, ik, iks
+            q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        else:
+            cache = cache.write(positions, latent, ik, iks)
+            keys, index_k, index_k_scale = cache.latent, cache.index_k, cache.index_k_scale
+            q_positions = positions.astype(jnp.int32)
+
+        impl = ATTENTION_IMPLS[attention_impl]
+
+        def attend(q_full_c, iq_c, iw_c, qpos_c):
+            idx = indexer_topk(iq_c, index_k, iw_c, topk=cfg.index_topk, q_positions=qpos_c,
+                               k_scale=index_k_scale, kv_lengths=kv_lengths, impl=impl)
+            o = sparse_mla(q_full_c, keys, idx, softmax_scale=cfg.softmax_scale,
+                           v_dim=cfg.kv_lora_rank, impl=impl)
+            return o, idx
+
+        if impl == "reference" and t > XLA_QUERY_CHUNK:
+            o_lat, idx = _map_query_chunks(attend, (q_full, iq, iw, q_positions), XLA_QUERY_CHUNK)
+        else:
+            o_lat, idx = attend(q_full, iq, iw, q_positions)
+        o = jnp.einsum("bthc,chv->bthv", o_lat.astype(x.dtype), wkv_b[..., nope:].astype(x.dtype),
+                       preferred_element_type=jnp.float32).astype(x.dtype)
+        return self.o(o.reshape(b, t, h * v)), idx, cache
+
+
+def _map_query_chunks(fn, args, chunk):
+    """Apply fn over chunks of the T axis (axis 1) of every arg with lax.map; pads T to a multiple."""
+    t = args[0].shape[1]
+    n = -(-t // chunk)
+    pad = n * chunk - t
+
+    def split(a):
+        if pad:
+            a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), mode="edge")
+        return a.reshape(a.shape[0], n, chunk, *a.shape[2:]).swapaxes(0, 1)
+
+    outs = jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in args))
+    return tuple(o.swapaxes(0, 1).reshape(o.shape[1], n * chunk, *o.shape[3:])[:, :t] for o in outs)

@@ -1,0 +1,121 @@
+"""`dsv32_jax.load`: build the model from a checkpoint directory.
+
+A Hugging Face directory (config.json + safetensors, bf16/fp32 or the FP8 release with
+`weight_scale_inv` blocks) is read tensor by tensor; FP8 weights are dequantised on load
+(partial 128-tiles included) unless `fp8_weights=True` keeps them as e4m3 + scales.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv32_jax.config import ModelConfig, load_config
+from dsv32_jax.model import RuntimeOptions, Transformer
+from dsv32_jax.numerics import dequant_blocks
+from dsv32_jax.params import ParamInfo, apply_transform, build_abstract, hf_source, path_str
+from dsv32_jax.safetensors_io import CheckpointError, HFCheckpoint
+
+FP8 = np.dtype(jnp.float8_e4m3fn)
+
+
+def _scale_name(weight_name: str) -> str:
+    return weight_name[: -len("weight")] + "weight_scale_inv"
+
+
+def read_hf_tensor(ckpt: HFCheckpoint, name: str, cfg: ModelConfig, keep_fp8: bool) -> np.ndarray:
+    """One checkpoint tensor; FP8 weights are dequantised to float32 unless keep_fp8."""
+    arr = ckpt.get(name)
+    if arr.dtype == FP8 and not keep_fp8:
+        sname = _scale_name(name)
+        if sname not in ckpt:
+            raise CheckpointError(f"{ckpt.dir}: FP8 tensor {name!r} has no {sname!r}")
+        block = cfg.fp8_block_size or (128, 128)
+        try:
+            arr = dequant_blocks(arr, ckpt.get(sname), block, xp=np)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt.dir}: tensor {sname!r}: {e}") from None
+    return arr
+
+
+def hf_param_value(ckpt: HFCheckpoint, path, info: ParamInfo, cfg: ModelConfig) -> np.ndarray:
+    """The value of one parameter (our layout and dtype) read from a Hugging Face checkpoint."""
+    src = hf_source(path, cfg)
+    keep_fp8 = info.dtype == FP8
+    arrays = [read_hf_tensor(ckpt, n, cfg, keep_fp8) for n in src.names]
+    value = apply_transform(arrays, src.transform)
+    if tuple(value.shape) != tuple(info.shape):
+        raise CheckpointError(f"{ckpt.dir}: tensor {src.names[0]!r} has shape {tuple(arrays[0].shape)}, "
+                              f"which does not give parameter {path_str(path)} of shape {info.shape}")
+    if info.dtype == FP8 and value.dtype != FP8:
+        raise CheckpointError(f"{ckpt.dir}: tensor {src.names[0]!r} is {value.dtype}, expected float8_e4m3fn "
+                              "(fp8_weights=True needs an FP8 checkpoint)")
+    return value.astype(info.dtype)
+
+
+class Model:
+    """A loaded model: the nnx module plus jitted entry points.
+
+    model(input_ids int32 [B, T]) -> logits float32 [B, T, vocab]
+    """
+
+    def __init__(self, module: Transformer):
+        self.module = module
+        self.graphdef, self.state = nnx.split(module)
+        gd = self.graphdef
+        self._forward = jax.jit(lambda st, ids: nnx.merge(gd, st)(ids))
+        self._with_indices = jax.jit(lambda st, ids: nnx.merge(gd, st).forward_with_indices(ids))
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.module.cfg
+
+    @property
+    def options(self) -> RuntimeOptions:
+        return self.module.options
+
+    def __call__(self, input_ids):
+        return self._forward(self.state, jnp.asarray(input_ids, jnp.int32))
+
+    def forward_with_indices(self, input_ids):
+        """(logits [B, T, V], [per-layer DSA indices int32 [B, T, K]])."""
+        return self._with_indices(self.state, jnp.asarray(input_ids, jnp.int32))
+
+
+def load_hf(path, options: RuntimeOptions, cfg: ModelConfig | None = None, progress=None) -> Transformer:
+    """Build a Transformer from a Hugging Face checkpoint directory."""
+    path = Path(path)
+    cfg = cfg or load_config(path)
+    ckpt = HFCheckpoint(path)
+    graphdef, state = build_abstract(cfg, options)
+    flat = nnx.to_flat_state(state)
+    leaves = []
+    for p, var in flat:
+        v = var.get_value() if hasattr(var, "get_value") else var.value
+        info = ParamInfo(tuple(v.shape), np.dtype(v.dtype), var.get_metadata().get("axes"))
+        value = hf_param_value(ckpt, tuple(p), info, cfg)
+        var.set_value(jnp.asarray(value)) if hasattr(var, "set_value") else setattr(var, "value", jnp.asarray(value))
+        leaves.append(p)
+        if progress is not None:
+            progress(path_str(p))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load(path, dtype=jnp.bfloat16, attention_impl: str = "xla", *, numerics: str = "reference",
+         mtp: bool = False, fp8_weights: bool = False, mesh=None) -> Model:
+    """Load a checkpoint directory (Hugging Face layout) into a ready-to-call model.
+
+    dtype: parameter/activation dtype (float32 for exact comparisons, bfloat16 for speed).
+    attention_impl: "xla" (plain-jnp ops), "pallas" (backend kernels), "interpret" (kernels in
+        Pallas interpret mode). numerics: "reference" (the official FP8 simulations) or "exact".
+    mtp: also load the multi-token-prediction head (checkpoint layer num_hidden_layers).
+    fp8_weights: keep FP8 weights as e4m3 + block scales. mesh: not supported yet.
+    """
+    if mesh is not None:
+        raise NotImplementedError("loading under a mesh is not available yet")
+    options = RuntimeOptions(dtype=jnp.dtype(dtype), numerics=numerics, attention_impl=attention_impl,
+                             fp8_weights=fp8_weights, mtp=mtp)
+    return Model(load_hf(path, options))

@@ -1,0 +1,153 @@
+"""The DeepSeek-V3.2 transformer: decoder blocks, final norm, lm_head, optional MTP head.
+
+    h = embed(ids)
+    per layer:  h = h + MLA(RMSNorm(h));  h = h + FFN(RMSNorm(h))   (FFN: dense MLP or MoE)
+    logits = RMSNorm(h) @ lm_head  (float32)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv32_jax.attention import ATTENTION_IMPLS, MLA, LayerCache
+from dsv32_jax.config import ModelConfig
+from dsv32_jax.indexer import NUMERICS
+from dsv32_jax.layers import Embed, Linear, RMSNorm, rope_cos_sin
+from dsv32_jax.moe import MLP, MoE
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run the model (not part of the checkpoint).
+
+    dtype: parameter and activation dtype (float32 for tests, bfloat16 for speed).
+    numerics: "reference" (the official FP8 indexer + FP8 KV-latent simulations; default) or
+        "exact" (what transformers computes).
+    attention_impl: "xla" | "pallas" | "interpret" (see dsv32_jax.attention).
+    fp8_weights: keep FP8 checkpoint weights as e4m3 + block scales instead of dequantising.
+    mtp: build the multi-token-prediction head.
+    """
+    dtype: jnp.dtype = jnp.bfloat16
+    numerics: str = "reference"
+    attention_impl: str = "xla"
+    fp8_weights: bool = False
+    mtp: bool = False
+
+    def __post_init__(self):
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {tuple(ATTENTION_IMPLS)}, "
+                             f"got {self.attention_impl!r}")
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs, fp8_block=None, moe=None):
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs)
+        self.attn = MLA(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs)
+        is_moe = cfg.is_moe_layer(layer) if moe is None else moe
+        self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block) if is_moe else
+                    MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs, fp8_block=fp8_block))
+
+    def __call__(self, h, positions, cos, sin, *, numerics, attention_impl, cache=None, kv_lengths=None):
+        a, idx, cache = self.attn(self.attn_norm(h), positions, cos, sin, numerics=numerics,
+                                  attention_impl=attention_impl, cache=cache, kv_lengths=kv_lengths)
+        h = h + a
+        h = h + self.mlp(self.ffn_norm(h))
+        return h, idx, cache
+
+
+class MTPHead(nnx.Module):
+    """Multi-token prediction (checkpoint layer `num_hidden_layers`, spec 2.8).
+
+    From the main model's final (normed) hidden state h_i and the embedding of token i+1:
+    u = eh_proj([enorm(emb(t_{i+1})) | hnorm(h_i)]) -> one decoder block -> norm -> head,
+    giving logits for token i+2.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None):
+        d = cfg.hidden_size
+        self.embed = Embed(cfg.vocab_size, d, dtype=dtype, rngs=rngs)
+        self.enorm = RMSNorm(d, eps=cfg.rms_norm_eps, rngs=rngs)
+        self.hnorm = RMSNorm(d, eps=cfg.rms_norm_eps, rngs=rngs)
+        self.eh_proj = Linear(2 * d, d, axes=(None, "embed"), dtype=dtype, rngs=rngs)
+        self.block = Block(cfg, cfg.num_hidden_layers, dtype=dtype, rngs=rngs, fp8_block=fp8_block, moe=True)
+        self.norm = RMSNorm(d, eps=cfg.rms_norm_eps, rngs=rngs)
+        self.head = Linear(d, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, options: RuntimeOptions = RuntimeOptions(), *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.options = options
+        dtype = options.dtype
+        fp8 = cfg.fp8_block_size if options.fp8_weights else None
+        if options.fp8_weights and fp8 is None:
+            raise ValueError("fp8_weights=True needs a config with quantization_config (FP8 block size)")
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs, fp8_block=fp8)
+                                for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
+        self.mtp = MTPHead(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8) if options.mtp else None
+
+    # ------------------------------------------------------------------ forward
+    def hidden(self, input_ids, positions=None, caches=None, kv_lengths=None):
+        """input_ids [B, T] -> (final normed hidden [B, T, D], per-layer indices, new caches)."""
+        b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(self.cfg, positions)
+        h = self.embed(input_ids)
+        indices, new_caches = [], []
+        for i, layer in enumerate(self.layers):
+            h, idx, c = layer(h, positions, cos, sin, numerics=self.options.numerics,
+                              attention_impl=self.options.attention_impl,
+                              cache=None if caches is None else caches[i], kv_lengths=kv_lengths)
+            indices.append(idx)
+            new_caches.append(c)
+        return self.norm(h), indices, (None if caches is None else new_caches)
+
+    def logits(self, h):
+        """h [..., D] -> float32 logits [..., vocab]."""
+        w = self.lm_head.weight()
+        return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, positions=None):
+        """input_ids int32 [B, T] -> logits float32 [B, T, vocab] (a full causal forward)."""
+        h, _, _ = self.hidden(input_ids, positions)
+        return self.logits(h)
+
+    def forward_with_indices(self, input_ids):
+        """Logits [B, T, V] and the DSA selections of every layer (list of int32 [B, T, K])."""
+        h, indices, _ = self.hidden(input_ids)
+        return self.logits(h), indices
+
+    def mtp_logits(self, hidden, next_ids, positions=None):
+        """MTP: hidden [B, T, D] (final normed hidden at i), next_ids [B, T] (tokens i+1)
+        -> float32 logits [B, T, vocab] for tokens i+2."""
+        if self.mtp is None:
+            raise ValueError("this model was built without the MTP head (load(..., mtp=True))")
+        m = self.mtp
+        b, t = next_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(self.cfg, positions)
+        u = m.eh_proj(jnp.concatenate([m.enorm(m.embed(next_ids)), m.hnorm(hidden)], axis=-1))
+        u, _, _ = m.block(u, positions, cos, sin, numerics=self.options.numerics,
+                          attention_impl=self.options.attention_impl)
+        return jnp.dot(m.norm(u), m.head.weight().astype(u.dtype), preferred_element_type=jnp.float32)
+
+    def init_caches(self, batch: int, max_len: int) -> list[LayerCache]:
+        """Zeroed static caches of `max_len` slots for every layer."""
+        cfg, o = self.cfg, self.options
+        ref = o.numerics == "reference"
+        kdt = jnp.float8_e4m3fn if ref else o.dtype
+        return [LayerCache(jnp.zeros((batch, max_len, cfg.kv_dim), o.dtype),
+                           jnp.zeros((batch, max_len, cfg.index_head_dim), kdt),
+                           jnp.zeros((batch, max_len), jnp.float32) if ref else None)
+                for _ in range(cfg.num_hidden_layers)]

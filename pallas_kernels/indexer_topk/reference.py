@@ -1,0 +1,54 @@
+"""Plain-jnp reference of the lightning-indexer scoring and causal top-k.
+
+    I[b, t, s] = k_scale[b, s] * sum_h weights[b, t, h] * relu(q[b, t, h, :] . k[b, s, :])
+
+Key s is visible to query t iff s <= q_positions[b, t] and s < kv_lengths[b].
+Selected indices are the top min(topk, L) visible keys per query; slots that no
+visible key can fill are -1 (a query with fewer visible keys than topk).
+Ties are broken towards the lower key index (jax.lax.top_k's rule).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def visibility_mask(q_positions, kv_lengths, num_keys):
+    """q_positions [B, T] int32, kv_lengths [B] int32 or None -> bool [B, T, L]."""
+    s = jnp.arange(num_keys, dtype=jnp.int32)
+    vis = s[None, None, :] <= q_positions[:, :, None]
+    if kv_lengths is not None:
+        vis = vis & (s[None, None, :] < kv_lengths[:, None, None])
+    return vis
+
+
+def indexer_scores(q, k, weights, *, q_positions, k_scale=None, kv_lengths=None):
+    """Index scores with invisible keys at -inf.
+
+    q: [B, T, Hi, D] (float or float8), k: [B, L, D] (float or float8),
+    weights: [B, T, Hi] float32 (every positive constant and the per-head q scale folded in),
+    q_positions: [B, T] int32 absolute positions, k_scale: [B, L] float32 or None,
+    kv_lengths: [B] int32 or None (all L keys valid). Returns float32 [B, T, L].
+    """
+    logits = jnp.einsum("bthd,bsd->bths", q.astype(jnp.float32), k.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+    scores = jnp.einsum("bths,bth->bts", jax.nn.relu(logits), weights.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+    if k_scale is not None:
+        scores = scores * k_scale.astype(jnp.float32)[:, None, :]
+    vis = visibility_mask(q_positions, kv_lengths, k.shape[1])
+    return jnp.where(vis, scores, -jnp.inf)
+
+
+def topk_from_scores(scores, topk):
+    """scores [B, T, L] float32 with -inf for invisible keys -> int32 [B, T, min(topk, L)], -1 = empty."""
+    kk = min(topk, scores.shape[-1])
+    vals, idx = jax.lax.top_k(scores.astype(jnp.float32), kk)
+    return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
+
+
+def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=None):
+    """Top-k key indices per query: int32 [B, T, min(topk, L)], -1 where no visible key is left."""
+    scores = indexer_scores(q, k, weights, q_positions=q_positions, k_scale=k_scale,
+                            kv_lengths=kv_lengths)
+    return topk_from_scores(scores, topk)
