@@ -78,8 +78,8 @@ class MLA(nnx.Module):
         r = self.cfg.kv_lora_rank
         kv = self.kv_a(x)
         c = self.kv_norm(kv[..., :r])
-        if numerics == "reference":       # the release's FP8 KV-cache simulation
-            c = fp8_round_trip(c)
+        if numerics == "reference":       # the release's FP8 KV-cache simulation (128-blocks)
+            c = fp8_round_trip(c, block=128 if r % 128 == 0 else r)
         return jnp.concatenate([c, rope_interleaved(kv[..., r:], cos, sin)], axis=-1)
 
     def __call__(self, x, positions, cos, sin, *, numerics="exact", attention_impl="xla",

@@ -47,8 +47,7 @@ class Indexer(nnx.Module):
         k = jax.lax.stop_gradient(k)
         if numerics == "exact":
             return k, None
-        k8, ks = act_quant(hadamard(k.astype(jnp.bfloat16)), block=_block(k.shape[-1]))
-        return k8, ks[..., 0]
+        return quantize_keys(k)
 
     def queries(self, x, qr, cos, sin, numerics: str):
         """-> (q [B, T, Hi, D], weights [B, T, Hi] f32) with every positive constant folded into weights."""
@@ -60,8 +59,20 @@ class Indexer(nnx.Module):
         w = self.weights_proj(x) * (hi ** -0.5) * (d ** -0.5)
         if numerics == "exact":
             return q, w
-        q8, qs = act_quant(hadamard(q.astype(jnp.bfloat16)), block=_block(d))
-        return q8, w * qs[..., 0]
+        return quantize_queries(q, w)
+
+
+def quantize_keys(k):
+    """Official key path: k [..., D] -> bf16 -> Hadamard -> (e4m3 [..., D], scale [...] f32)."""
+    k8, ks = act_quant(hadamard(k.astype(jnp.bfloat16)), block=_block(k.shape[-1]))
+    return k8, ks[..., 0]
+
+
+def quantize_queries(q, w):
+    """Official query path: q [..., Hi, D] -> bf16 -> Hadamard -> e4m3 with one scale per head;
+    the scale is folded into the head weights w [..., Hi]. Returns (q8, w * q_scale)."""
+    q8, qs = act_quant(hadamard(q.astype(jnp.bfloat16)), block=_block(q.shape[-1]))
+    return q8, w * qs[..., 0]
 
 
 def _block(d: int) -> int:

@@ -20,8 +20,11 @@ FP8_MAX = 448.0
 
 def pow2_scale(amax):
     """2^ceil(log2(amax / 448)) in float32, with amax clamped to >= 1e-4 (ue8m0 scales)."""
-    amax = jnp.maximum(amax.astype(jnp.float32), 1e-4)
-    return jnp.exp2(jnp.ceil(jnp.log2(amax * jnp.float32(1.0 / FP8_MAX))))
+    v = jnp.maximum(amax.astype(jnp.float32), 1e-4) * jnp.float32(1.0 / FP8_MAX)
+    # exact: exponent bits of v, plus one if any mantissa bit is set (as the official kernel)
+    bits = jax.lax.bitcast_convert_type(v, jnp.int32)
+    exp = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).astype(jnp.int32)
+    return jax.lax.bitcast_convert_type(exp << 23, jnp.float32)
 
 
 def act_quant(x, block: int = 128):

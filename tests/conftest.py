@@ -1,0 +1,17 @@
+"""Shared test set-up: float32 matmuls at full precision, test helpers importable, tiny oracle models."""
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """(torch model, checkpoint dir) of the default tiny oracle model (3 layers: dense + 2 MoE)."""
+    from oracle import make_hf_model
+
+    return make_hf_model(tmp_path_factory.mktemp("tiny_hf"))
