@@ -12,12 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from dsv32_jax.config import ModelConfig, load_config
 from dsv32_jax.model import RuntimeOptions, Transformer
 from dsv32_jax.numerics import dequant_blocks
 from dsv32_jax.params import ParamInfo, apply_transform, build_abstract, hf_source, path_str
 from dsv32_jax.safetensors_io import CheckpointError, HFCheckpoint
+from dsv32_jax.sharding import batch_spec, make_mesh, spec_for
 
 FP8 = np.dtype(jnp.float8_e4m3fn)
 
@@ -77,12 +79,19 @@ class Model:
     def options(self) -> RuntimeOptions:
         return self.module.options
 
+    def _ids(self, input_ids):
+        ids = jnp.asarray(input_ids, jnp.int32)
+        mesh = self.options.mesh
+        if mesh is not None:
+            ids = jax.device_put(ids, NamedSharding(mesh, batch_spec(mesh, ids.ndim, ids.shape[0])))
+        return ids
+
     def __call__(self, input_ids):
-        return self._forward(self.state, jnp.asarray(input_ids, jnp.int32))
+        return self._forward(self.state, self._ids(input_ids))
 
     def forward_with_indices(self, input_ids):
         """(logits [B, T, V], [per-layer DSA indices int32 [B, T, K]])."""
-        return self._with_indices(self.state, jnp.asarray(input_ids, jnp.int32))
+        return self._with_indices(self.state, self._ids(input_ids))
 
 
 def load_hf(path, options: RuntimeOptions, cfg: ModelConfig | None = None, progress=None) -> Transformer:
@@ -91,14 +100,17 @@ def load_hf(path, options: RuntimeOptions, cfg: ModelConfig | None = None, progr
     cfg = cfg or load_config(path)
     ckpt = HFCheckpoint(path)
     graphdef, state = build_abstract(cfg, options)
+    mesh = options.mesh
     flat = nnx.to_flat_state(state)
-    leaves = []
     for p, var in flat:
-        v = var.get_value() if hasattr(var, "get_value") else var.value
-        info = ParamInfo(tuple(v.shape), np.dtype(v.dtype), var.get_metadata().get("axes"))
+        v = var.get_value()
+        axes = var.get_metadata().get("axes")
+        info = ParamInfo(tuple(v.shape), np.dtype(v.dtype), axes)
         value = hf_param_value(ckpt, tuple(p), info, cfg)
-        var.set_value(jnp.asarray(value)) if hasattr(var, "set_value") else setattr(var, "value", jnp.asarray(value))
-        leaves.append(p)
+        if mesh is None:
+            var.set_value(jnp.asarray(value))
+        else:   # each device receives only its shard of the host array
+            var.set_value(jax.device_put(value, NamedSharding(mesh, spec_for(axes, info.shape, mesh))))
         if progress is not None:
             progress(path_str(p))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -112,10 +124,11 @@ def load(path, dtype=jnp.bfloat16, attention_impl: str = "xla", *, numerics: str
     attention_impl: "xla" (plain-jnp ops), "pallas" (backend kernels), "interpret" (kernels in
         Pallas interpret mode). numerics: "reference" (the official FP8 simulations) or "exact".
     mtp: also load the multi-token-prediction head (checkpoint layer num_hidden_layers).
-    fp8_weights: keep FP8 weights as e4m3 + block scales. mesh: not supported yet.
+    fp8_weights: keep FP8 weights as e4m3 + block scales.
+    mesh: a mesh string such as "data=2,expert=4" (see dsv32_jax.sharding) or a Mesh: every
+        parameter is placed straight into its shards by the logical-axis rules.
     """
-    if mesh is not None:
-        raise NotImplementedError("loading under a mesh is not available yet")
+    mesh = make_mesh(mesh)
     options = RuntimeOptions(dtype=jnp.dtype(dtype), numerics=numerics, attention_impl=attention_impl,
-                             fp8_weights=fp8_weights, mtp=mtp)
+                             fp8_weights=fp8_weights, mtp=mtp, mesh=mesh)
     return Model(load_hf(path, options))

@@ -17,6 +17,7 @@ from dsv32_jax.config import ModelConfig
 from dsv32_jax.indexer import NUMERICS
 from dsv32_jax.layers import Embed, Linear, RMSNorm, rope_cos_sin
 from dsv32_jax.moe import MLP, MoE
+from dsv32_jax.sharding import constrain_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +30,16 @@ class RuntimeOptions:
     attention_impl: "xla" | "pallas" | "interpret" (see dsv32_jax.attention).
     fp8_weights: keep FP8 checkpoint weights as e4m3 + block scales instead of dequantising.
     mtp: build the multi-token-prediction head.
+    mesh: a jax.sharding.Mesh with axes dsv32_jax.sharding.MESH_AXES, or None (one device):
+        activations get batch sharding constraints at layer boundaries and the routed experts
+        run expert-parallel when the mesh has expert > 1.
     """
     dtype: jnp.dtype = jnp.bfloat16
     numerics: str = "reference"
     attention_impl: str = "xla"
     fp8_weights: bool = False
     mtp: bool = False
+    mesh: object = None
 
     def __post_init__(self):
         if self.numerics not in NUMERICS:
@@ -45,12 +50,12 @@ class RuntimeOptions:
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs, fp8_block=None, moe=None):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs, fp8_block=None, moe=None, mesh=None):
         self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs)
         self.attn = MLA(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block)
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs)
         is_moe = cfg.is_moe_layer(layer) if moe is None else moe
-        self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block) if is_moe else
+        self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block, mesh=mesh) if is_moe else
                     MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs, fp8_block=fp8_block))
 
     def __call__(self, h, positions, cos, sin, *, numerics, attention_impl, cache=None, kv_lengths=None):
@@ -69,13 +74,14 @@ class MTPHead(nnx.Module):
     giving logits for token i+2.
     """
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None, mesh=None):
         d = cfg.hidden_size
         self.embed = Embed(cfg.vocab_size, d, dtype=dtype, rngs=rngs)
         self.enorm = RMSNorm(d, eps=cfg.rms_norm_eps, rngs=rngs)
         self.hnorm = RMSNorm(d, eps=cfg.rms_norm_eps, rngs=rngs)
         self.eh_proj = Linear(2 * d, d, axes=(None, "embed"), dtype=dtype, rngs=rngs)
-        self.block = Block(cfg, cfg.num_hidden_layers, dtype=dtype, rngs=rngs, fp8_block=fp8_block, moe=True)
+        self.block = Block(cfg, cfg.num_hidden_layers, dtype=dtype, rngs=rngs, fp8_block=fp8_block, moe=True,
+                           mesh=mesh)
         self.norm = RMSNorm(d, eps=cfg.rms_norm_eps, rngs=rngs)
         self.head = Linear(d, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
 
@@ -89,11 +95,11 @@ class Transformer(nnx.Module):
         if options.fp8_weights and fp8 is None:
             raise ValueError("fp8_weights=True needs a config with quantization_config (FP8 block size)")
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs, fp8_block=fp8)
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs, fp8_block=fp8, mesh=options.mesh)
                                 for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
-        self.mtp = MTPHead(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8) if options.mtp else None
+        self.mtp = MTPHead(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8, mesh=options.mesh) if options.mtp else None
 
     # ------------------------------------------------------------------ forward
     def hidden(self, input_ids, positions=None, caches=None, kv_lengths=None):
@@ -102,12 +108,14 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(self.cfg, positions)
-        h = self.embed(input_ids)
+        mesh = self.options.mesh
+        h = constrain_batch(self.embed(input_ids), mesh)
         indices, new_caches = [], []
         for i, layer in enumerate(self.layers):
             h, idx, c = layer(h, positions, cos, sin, numerics=self.options.numerics,
                               attention_impl=self.options.attention_impl,
                               cache=None if caches is None else caches[i], kv_lengths=kv_lengths)
+            h = constrain_batch(h, mesh)
             indices.append(idx)
             new_caches.append(c)
         return self.norm(h), indices, (None if caches is None else new_caches)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv32_jax.config import ModelConfig
+from dsv32_jax.expert_parallel import expert_parallel_experts
 from dsv32_jax.layers import Linear, param
 from dsv32_jax.numerics import dequant_blocks
 
@@ -105,7 +106,8 @@ class Experts(nnx.Module):
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None, mesh=None):
+        self.mesh = mesh
         self.router = Router(cfg, rngs=rngs)
         self.experts = Experts(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block)
         self.shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
@@ -116,5 +118,11 @@ class MoE(nnx.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         w, e, _ = self.router(flat)
-        y = self.experts(flat, w, e) + self.shared(flat).astype(jnp.float32)
+        if self.mesh is not None and self.mesh.shape.get("expert", 1) > 1:
+            ex = self.experts
+            routed = expert_parallel_experts(flat, w, e, ex.weight("gate"), ex.weight("up"), ex.weight("down"),
+                                             self.mesh)
+        else:
+            routed = self.experts(flat, w, e)
+        y = routed + self.shared(flat).astype(jnp.float32)
         return y.astype(x.dtype).reshape(shape)

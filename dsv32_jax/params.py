@@ -136,6 +136,11 @@ def apply_transform(arrays: list[np.ndarray], transform: str) -> np.ndarray:
     raise ValueError(transform)
 
 
+def is_quant_scale(path: Path) -> bool:
+    """True for FP8 block scales (`kernel_scale`, `gate_scale`, ...), not norm weights (`scale`)."""
+    return str(path[-1]).endswith("_scale")
+
+
 def path_str(path: Path) -> str:
     return "/".join(map(str, path))
 

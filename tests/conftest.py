@@ -5,6 +5,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# 8 host devices for the sharding tests (single-device tests run on device 0 as before)
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import pytest  # noqa: E402
 

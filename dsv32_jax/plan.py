@@ -1,0 +1,135 @@
+"""`python -m dsv32_jax.plan`: per-device memory of a model on a mesh, without allocating anything.
+
+Parameters come from the abstract model (`nnx.eval_shape`), each divided by the number of
+shards the logical-axis rules give it on the mesh; caches are the static decode caches
+(normalised latent + rope key in the compute dtype, indexer key as e4m3 + one float32 scale in
+`reference` numerics or in the compute dtype in `exact`), split over the batch axes.
+The verdict keeps 10% of the device memory free for activations and workspace.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+from dsv32_jax.config import ModelConfig, load_config
+from dsv32_jax.model import RuntimeOptions
+from dsv32_jax.params import abstract_params, is_quant_scale
+from dsv32_jax.sharding import parse_mesh, spec_for
+
+GiB = 2**30
+# HBM per device (GiB as the vendors quote GB for GPUs: 80 GB = 74.5 GiB, etc.)
+DEVICES = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0, "h100": 80e9 / GiB, "h200": 141e9 / GiB,
+           "b200": 192e9 / GiB}
+HEADROOM = 0.9
+
+
+class _MeshShape:
+    """Stand-in for a Mesh in sharding rules: only axis sizes are needed to plan."""
+
+    def __init__(self, sizes):
+        self.shape = dict(sizes)
+
+
+def plan(cfg: ModelConfig, mesh: str, *, max_len: int, batch: int, fp8_weights: bool, dtype=jnp.bfloat16,
+         numerics: str = "reference", mtp: bool = False, device_memory_gib: float | None = None) -> dict:
+    sizes = parse_mesh(mesh)
+    ms = _MeshShape(sizes)
+    options = RuntimeOptions(dtype=jnp.dtype(dtype), numerics=numerics, fp8_weights=fp8_weights, mtp=mtp)
+    table = abstract_params(cfg, options)
+    n_params = 0
+    total_bytes = 0
+    per_device = 0.0
+    for path, info in table.items():
+        count = math.prod(info.shape)
+        nbytes = count * info.dtype.itemsize
+        if not is_quant_scale(path):
+            n_params += count
+        total_bytes += nbytes
+        spec = spec_for(info.axes, info.shape, ms)
+        shards = 1
+        for part in spec:
+            for a in ((part,) if isinstance(part, str) else (part or ())):
+                shards *= sizes[a]
+        per_device += nbytes / shards
+    itemsize = jnp.dtype(dtype).itemsize
+    index_k = cfg.index_head_dim + 4 if numerics == "reference" else cfg.index_head_dim * itemsize
+    per_token_layer = cfg.kv_dim * itemsize + index_k
+    layers = cfg.num_hidden_layers + (1 if mtp else 0)
+    cache_total = per_token_layer * layers * max_len * batch
+    batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    cache_dev = cache_total / (batch_shards if batch % batch_shards == 0 else 1)
+    out = {
+        "mesh": sizes, "devices": math.prod(sizes.values()), "parameters": n_params,
+        "parameter_bytes_total": total_bytes, "parameter_bytes_per_device": int(per_device),
+        "cache_bytes_per_token_per_layer": per_token_layer, "cache_bytes_total": cache_total,
+        "cache_bytes_per_device": int(cache_dev), "max_len": max_len, "batch": batch,
+        "weights": "float8_e4m3fn + block scales" if fp8_weights else str(jnp.dtype(dtype)),
+        "total_bytes_per_device": int(per_device + cache_dev),
+    }
+    if device_memory_gib is not None:
+        need = (per_device + cache_dev) / GiB
+        out["device_memory_gib"] = device_memory_gib
+        out["fits"] = bool(need <= HEADROOM * device_memory_gib)
+        out["verdict"] = (f"fits: {need:.1f} GiB of {device_memory_gib:.1f} GiB per device" if out["fits"] else
+                          f"does not fit: {need:.1f} GiB needed, {HEADROOM * device_memory_gib:.1f} GiB usable "
+                          f"per device")
+    return out
+
+
+def _memory(arg: str | None) -> float | None:
+    if arg is None:
+        return None
+    a = arg.strip().lower()
+    if a in DEVICES:
+        return DEVICES[a]
+    for suffix, mult in (("gib", 1.0), ("gb", 1e9 / GiB)):
+        if a.endswith(suffix):
+            return float(a[: -len(suffix)]) * mult
+    return float(a)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dsv32_jax.plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="a Hugging Face config.json (or a checkpoint directory)")
+    ap.add_argument("--mesh", default="", help='mesh axes, e.g. "expert=8,tensor=4" (axes: data, fsdp, expert, tensor)')
+    ap.add_argument("--max-len", type=int, default=131072, help="cache length in tokens per sequence (default 131072)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded at once (default 1)")
+    ap.add_argument("--weights", choices=("fp8", "bf16"), default="fp8",
+                    help="fp8: e4m3 weights + block scales as released; bf16: dequantised (default fp8)")
+    ap.add_argument("--numerics", choices=("reference", "exact"), default="reference",
+                    help="reference: FP8 indexer-key cache (132 B/token); exact: bf16 indexer keys")
+    ap.add_argument("--mtp", action="store_true", help="count the multi-token-prediction layer too")
+    ap.add_argument("--device", default=None,
+                    help=f"device memory: a name ({', '.join(DEVICES)}) or a size such as 141GB or 95GiB")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        fp8 = args.weights == "fp8" and cfg.fp8_block_size is not None
+        out = plan(cfg, args.mesh, max_len=args.max_len, batch=args.batch, fp8_weights=fp8, numerics=args.numerics,
+                   mtp=args.mtp, device_memory_gib=_memory(args.device))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"mesh {out['mesh']} ({out['devices']} devices), {out['parameters'] / 1e9:.2f} B parameters, "
+              f"weights {out['weights']}")
+        print(f"  parameters per device: {out['parameter_bytes_per_device'] / GiB:8.2f} GiB "
+              f"(total {out['parameter_bytes_total'] / GiB:.2f} GiB)")
+        print(f"  cache per device:      {out['cache_bytes_per_device'] / GiB:8.2f} GiB "
+              f"({out['batch']} x {out['max_len']} tokens, {out['cache_bytes_per_token_per_layer']} B/token/layer)")
+        if "verdict" in out:
+            print(f"  {out['verdict']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
