@@ -129,6 +129,11 @@ def load(path, dtype=jnp.bfloat16, attention_impl: str = "xla", *, numerics: str
         parameter is placed straight into its shards by the logical-axis rules.
     """
     mesh = make_mesh(mesh)
+    from dsv32_jax import converted
+
+    if converted.is_converted(path):   # written by `python -m convert weights` (float8 => fp8_weights)
+        return Model(converted.load_converted(path, dtype=dtype, attention_impl=attention_impl, numerics=numerics,
+                                              mtp=mtp, fp8_weights=fp8_weights, mesh=mesh))
     options = RuntimeOptions(dtype=jnp.dtype(dtype), numerics=numerics, attention_impl=attention_impl,
                              fp8_weights=fp8_weights, mtp=mtp, mesh=mesh)
     return Model(load_hf(path, options))

@@ -87,6 +87,36 @@ class SafetensorsFile:
         return np.memmap(self.path, dtype=DTYPES[e["dtype"]], mode="r",
                          offset=self.data_start + e["data_offsets"][0], shape=shape)
 
+    def read_rows(self, name, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the tensor's leading axis (all of a 0-d tensor), read into a new
+        array rather than memory-mapped, so streaming a large tensor band by band keeps the
+        resident size to one band. Thread-safe (positioned reads)."""
+        if name not in self.entries:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is not in this file")
+        e = self.entries[name]
+        shape, dt = tuple(e["shape"]), DTYPES[e["dtype"]]
+        if not shape:
+            start, stop, rest = 0, 1, ()
+        else:
+            start, stop, rest = max(0, start), min(shape[0], stop), shape[1:]
+        out = np.empty((max(0, stop - start),) + rest, dt)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        offset = self.data_start + e["data_offsets"][0] + start * (out[:1].nbytes if out.size else 0)
+        if not buf.nbytes:
+            return out.reshape(shape) if not shape else out
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < buf.nbytes:
+                n = os.preadv(fd, [buf[got:]], offset + got)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path}: truncated file: tensor {name!r} rows {start}:{stop} "
+                                          f"end early (read {got} of {buf.nbytes} bytes)")
+                got += n
+        finally:
+            os.close(fd)
+        return out.reshape(shape) if not shape else out
+
 
 class HFCheckpoint:
     """A Hugging Face checkpoint directory: `model.safetensors.index.json` + shards, or one
@@ -128,6 +158,9 @@ class HFCheckpoint:
 
     def get(self, name) -> np.ndarray:
         return self._locate(name).get(name)
+
+    def read_rows(self, name, start: int, stop: int) -> np.ndarray:
+        return self._locate(name).read_rows(name, start, stop)
 
     def shape(self, name):
         return self._locate(name).shape(name)

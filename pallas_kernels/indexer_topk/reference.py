@@ -22,6 +22,18 @@ def visibility_mask(q_positions, kv_lengths, num_keys):
     return vis
 
 
+def visible_counts(q_positions, kv_lengths, num_keys):
+    """Number of visible keys per query: int32 [B, T]; key s is visible iff s < count.
+
+    Same visibility as visibility_mask: s <= q_positions[b, t] and s < kv_lengths[b]
+    (and s < num_keys).  Used by the kernels, which only need one limit per query.
+    """
+    lim = jnp.minimum(q_positions.astype(jnp.int32) + 1, num_keys)
+    if kv_lengths is not None:
+        lim = jnp.minimum(lim, kv_lengths.astype(jnp.int32)[:, None])
+    return jnp.maximum(lim, 0).astype(jnp.int32)
+
+
 def indexer_scores(q, k, weights, *, q_positions, k_scale=None, kv_lengths=None):
     """Index scores with invisible keys at -inf.
 
