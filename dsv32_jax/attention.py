@@ -9,8 +9,9 @@ Attention always runs in the absorbed (MQA) form over the cached 576-d entries
 
 In float32 this equals the expanded (MHA) form transformers uses. The two ops that touch the
 keys, `indexer_topk` and `sparse_mla`, come from `pallas_kernels` through one seam:
-`attention_impl` ("xla": the plain-jnp reference ops; "pallas": the backend kernels;
-"interpret": the kernels in Pallas interpret mode, for CPU tests).
+`attention_impl` ("xla": plain jnp — the reference indexer and the blockwise XLA sparse
+attention with its custom_vjp; "pallas": the TPU/GPU kernels; "interpret": the TPU kernels in
+Pallas interpret mode, for CPU tests).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ from dsv32_jax.numerics import fp8_round_trip
 from pallas_kernels.indexer_topk import indexer_topk
 from pallas_kernels.sparse_mla import sparse_mla
 
-ATTENTION_IMPLS = {"xla": "reference", "pallas": "auto", "interpret": "interpret"}
+# attention_impl -> (indexer_topk impl, sparse_mla impl)
+ATTENTION_IMPLS = {"xla": ("reference", "xla"), "pallas": ("pallas", "pallas"),
+                   "interpret": ("interpret", "interpret")}
 # Query chunk of the plain-XLA path: bounds the [B, chunk, Hi, L] indexer logits and the
 # [B, chunk, K, 576] gathered rows of a long prefill.
 XLA_QUERY_CHUNK = 256
@@ -50,11 +53,21 @@ class LayerCache:
         """Store entries of tokens at absolute `positions` [B, T] (slot = position)."""
         b = jnp.arange(positions.shape[0])[:, None]
         new = LayerCache(self.latent.at[b, positions].set(latent.astype(self.latent.dtype)),
-                         self.index_k.at[b, positions].set(index_k.astype(self.index_k.dtype)),
-                         None)
+                         _scatter_rows(self.index_k, b, positions, index_k), None)
         if self.index_k_scale is not None:
             new.index_k_scale = self.index_k_scale.at[b, positions].set(index_k_scale)
         return new
+
+
+def _scatter_rows(cache, b, positions, rows):
+    """cache.at[b, positions].set(rows) in place. Float8 caches are scattered as their uint8 bits:
+    XLA has no float8 scatter on some backends and would convert the whole cache twice."""
+    rows = rows.astype(cache.dtype)
+    if jnp.dtype(cache.dtype).itemsize != 1 or not jnp.issubdtype(cache.dtype, jnp.floating):
+        return cache.at[b, positions].set(rows)
+    bits = jax.lax.bitcast_convert_type(cache, jnp.uint8)
+    bits = bits.at[b, positions].set(jax.lax.bitcast_convert_type(rows, jnp.uint8))
+    return jax.lax.bitcast_convert_type(bits, cache.dtype)
 
 
 class MLA(nnx.Module):
@@ -113,16 +126,16 @@ class MLA(nnx.Module):
             keys, index_k, index_k_scale = cache.latent, cache.index_k, cache.index_k_scale
             q_positions = positions.astype(jnp.int32)
 
-        impl = ATTENTION_IMPLS[attention_impl]
+        index_impl, attn_impl = ATTENTION_IMPLS[attention_impl]
 
         def attend(q_full_c, iq_c, iw_c, qpos_c):
             idx = indexer_topk(iq_c, index_k, iw_c, topk=cfg.index_topk, q_positions=qpos_c,
-                               k_scale=index_k_scale, kv_lengths=kv_lengths, impl=impl)
+                               k_scale=index_k_scale, kv_lengths=kv_lengths, impl=index_impl)
             o = sparse_mla(q_full_c, keys, idx, softmax_scale=cfg.softmax_scale,
-                           v_dim=cfg.kv_lora_rank, impl=impl)
+                           v_dim=cfg.kv_lora_rank, impl=attn_impl)
             return o, idx
 
-        if impl == "reference" and t > XLA_QUERY_CHUNK:
+        if index_impl == "reference" and t > XLA_QUERY_CHUNK:
             o_lat, idx = _map_query_chunks(attend, (q_full, iq, iw, q_positions), XLA_QUERY_CHUNK)
         else:
             o_lat, idx = attend(q_full, iq, iw, q_positions)

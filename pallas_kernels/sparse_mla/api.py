@@ -1,13 +1,96 @@
 """Public entry point of the sparse MLA attention op."""
 from __future__ import annotations
 
+import functools
+
+import jax
+
 from pallas_kernels.sparse_mla import reference
+from pallas_kernels.sparse_mla.vjp import sparse_mla_blockwise, sparse_mla_vjp
+
+IMPLS = ("auto", "pallas", "interpret", "reference", "xla")
+BACKENDS = ("tpu", "gpu")
+VARIANTS = ("auto", "prefill", "decode")
 
 
-def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, impl: str = "reference"):
-    """q: [B, T, H, Dk], kv: [B, L, Dk], indices: [B, T, K] int32 (-1 = none)
-    -> float32 [B, T, H, v_dim]."""
+def _platform_backend():
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "tpu"
+    if platform in ("gpu", "cuda", "rocm"):
+        return "gpu"
+    return None
+
+
+def kernel_forward(backend: str, variant: str, **kernel_options):
+    """The forward kernel as a callable (q, kv, indices, *, softmax_scale, v_dim) -> (out, lse).
+
+    backend "tpu" | "gpu"; variant "prefill" | "decode"; kernel_options are bound to the
+    kernel (interpret, block sizes, ...).
+    """
+    if backend == "tpu":
+        from pallas_kernels.sparse_mla import tpu
+        fn = tpu.sparse_mla_decode_tpu if variant == "decode" else tpu.sparse_mla_prefill_tpu
+    elif backend == "gpu":
+        from pallas_kernels.sparse_mla import gpu
+        fn = gpu.sparse_mla_decode_gpu if variant == "decode" else gpu.sparse_mla_prefill_gpu
+    else:
+        raise ValueError(f"sparse_mla: unknown backend {backend!r}; expected {BACKENDS}")
+    return functools.partial(fn, **kernel_options)
+
+
+def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, impl: str = "auto",
+               backend: str | None = None, variant: str = "auto", decode_max_t: int = 4,
+               query_chunk: int = 256, bwd_query_chunk: int | None = None, **kernel_options):
+    """Token-level sparse MLA attention (absorbed / MQA form).
+
+    q: [B, T, H, Dk], kv: [B, L, Dk], indices: [B, T, K] int32 (-1 = none)
+    -> float32 [B, T, H, v_dim]
+    (logits = softmax_scale * q . kv[idx], softmax over the selected keys,
+    value = kv[idx, :v_dim]; a query with no valid index gets zeros).
+
+    impl:
+      "reference": the plain-jnp reference (gathers only the selected rows,
+        `query_chunk` queries at a time); differentiated by jax directly;
+      "xla": a blockwise jnp forward shaped for XLA:CPU (one query row per step), the
+        fastest CPU path, with the kernels' custom_vjp backward; kernel_options may set
+        rows_per_step;
+      "auto": the TPU kernel on TPU, the GPU kernel on GPU, the reference elsewhere;
+      "pallas": the kernel of `backend` (default: the current platform's), compiled;
+      "interpret": the kernel of `backend` (default "tpu") in Pallas interpret mode;
+        pass `interpret=pltpu.InterpretParams()` for the TPU-semantics interpreter
+        (slow: tiny sizes only).
+    variant: "prefill", "decode", or "auto" (decode when T <= decode_max_t).
+    Kernel impls are wrapped in a custom_vjp (vjp.py): jax.grad works w.r.t. q and kv
+    with a blockwise backward that recomputes the softmax from the saved log-sum-exp;
+    `bwd_query_chunk` bounds its gather buffer (None = automatic).
+    kernel_options: forwarded to the kernel (tpu: block_q / block_b, block_k;
+    gpu: block_h, block_k, num_splits, num_warps, num_stages).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"sparse_mla: unknown impl {impl!r}; expected one of {IMPLS}")
+    if variant not in VARIANTS:
+        raise ValueError(f"sparse_mla: unknown variant {variant!r}; expected {VARIANTS}")
+    if impl == "auto":
+        backend = _platform_backend()
+        impl = "reference" if backend is None else "pallas"
     if impl == "reference":
         return reference.sparse_mla(q, kv, indices, softmax_scale=softmax_scale, v_dim=v_dim,
-                                    query_chunk=256)
-    raise ValueError(f"sparse_mla: unknown impl {impl!r}")
+                                    query_chunk=query_chunk)
+    if impl == "xla":
+        fwd = functools.partial(sparse_mla_blockwise, **kernel_options)
+        return sparse_mla_vjp(q, kv, indices, fwd, float(softmax_scale), int(v_dim),
+                              bwd_query_chunk)
+    if impl == "interpret":
+        backend = backend or "tpu"
+        kernel_options.setdefault("interpret", True)
+    else:
+        backend = backend or _platform_backend()
+        if backend is None:
+            raise ValueError("sparse_mla: impl='pallas' needs a TPU or GPU; use "
+                             "impl='interpret' on CPU")
+    if variant == "auto":
+        variant = "decode" if q.shape[1] <= decode_max_t else "prefill"
+    fwd = kernel_forward(backend, variant, **kernel_options)
+    return sparse_mla_vjp(q, kv, indices, fwd, float(softmax_scale), int(v_dim),
+                          bwd_query_chunk)
