@@ -1,0 +1,168 @@
+"""Chat JSONL -> fixed-length training rows with an assistant-only loss mask.
+
+Each JSONL line is a conversation: {"messages": [...]} (OpenAI chat format, as accepted by
+`dsv32_jax.generate.chat.encode_messages`) or a bare list of messages. A conversation is
+rendered with the chat template; every message's rendered piece is tokenised on its own (the
+pieces meet at special tokens, so this equals tokenising the whole text, which the tests check)
+and the tokens of assistant pieces (reasoning, content, tool calls and the closing EOS; the
+`<｜Assistant｜><think>` opener belongs to the prompt) get loss weight 1, all others 0.
+
+Rows hold seq_len + 1 tokens: inputs = row[:-1], targets = row[1:], weights = mask[1:].
+  "pack": conversations are concatenated (each starts with BOS) and cut into rows; attention
+          is plain causal, so a packed row attends across conversation boundaries.
+  "pad":  one conversation per row, truncated to seq_len + 1, padded with EOS at weight 0.
+
+Order is deterministic: epoch e visits the rows in permutation `default_rng(seed + e)`, and
+the batch at data position p (rows consumed so far) depends on nothing else, so the position is
+all a checkpoint needs to resume the exact same stream.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from dsv32_jax.generate.chat import encode_messages
+
+MODES = ("pack", "pad")
+
+
+def read_jsonl(path) -> list[list[dict]]:
+    """The conversations (lists of messages) of a JSONL file; blank lines are skipped."""
+    convs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            msgs = obj.get("messages") if isinstance(obj, dict) else obj
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
+                raise ValueError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\": ..., ...}}]}}")
+            convs.append(msgs)
+    if not convs:
+        raise ValueError(f"{path}: no conversations")
+    return convs
+
+
+def message_pieces(messages: list[dict], thinking_mode: str = "chat") -> list[tuple[str, str]]:
+    """[(role, rendered text)] whose concatenation is encode_messages(messages, thinking_mode).
+
+    The piece of message i is the rendering of messages[i:] in the context messages[:i]
+    minus that of messages[i+1:] in the context messages[:i+1] (the first piece carries BOS).
+    """
+    suffixes = []
+    for i in range(len(messages) + 1):
+        if i == len(messages):
+            suffixes.append("")
+        else:
+            suffixes.append(encode_messages(messages[i:], thinking_mode=thinking_mode,
+                                            context=messages[:i] or None))
+    pieces = []
+    for i, m in enumerate(messages):
+        cur, nxt = suffixes[i], suffixes[i + 1]
+        if not cur.endswith(nxt):
+            raise ValueError(f"message {i}: the chat template does not render it as a separable piece")
+        pieces.append((m["role"], cur[: len(cur) - len(nxt)]))
+    return pieces
+
+
+def encode_conversation(messages, tokenizer, thinking_mode: str = "chat") -> tuple[np.ndarray, np.ndarray]:
+    """-> (token ids int32 [N], loss mask float32 [N]; 1 on assistant tokens)."""
+    ids, mask = [], []
+    for role, text in message_pieces(messages, thinking_mode):
+        toks = tokenizer.encode(text)
+        ids.extend(toks)
+        mask.extend([1.0 if role == "assistant" else 0.0] * len(toks))
+    return np.asarray(ids, np.int32), np.asarray(mask, np.float32)
+
+
+def build_rows(examples, seq_len: int, mode: str, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """examples [(ids [N], mask [N])] -> (tokens int32 [R, seq_len + 1], mask float32 [R, seq_len + 1])."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    width = seq_len + 1
+    if mode == "pad":
+        tok = np.full((len(examples), width), pad_id, np.int32)
+        msk = np.zeros((len(examples), width), np.float32)
+        for r, (ids, m) in enumerate(examples):
+            n = min(len(ids), width)
+            tok[r, :n], msk[r, :n] = ids[:n], m[:n]
+        return tok, msk
+    ids = np.concatenate([e[0] for e in examples])
+    m = np.concatenate([e[1] for e in examples])
+    rows = max(1, -(-len(ids) // width))
+    tok = np.full(rows * width, pad_id, np.int32)
+    msk = np.zeros(rows * width, np.float32)
+    tok[: len(ids)], msk[: len(ids)] = ids, m
+    return tok.reshape(rows, width), msk.reshape(rows, width)
+
+
+@dataclasses.dataclass
+class Batch:
+    """inputs/targets int32 [B, T], weights float32 [B, T] (loss weight of each target)."""
+    inputs: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray
+
+    def as_dict(self):
+        return {"inputs": self.inputs, "targets": self.targets, "weights": self.weights}
+
+
+class ChatDataset:
+    """Fixed rows of a chat JSONL file, served in a deterministic shuffled order by position."""
+
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, *, seed: int = 0, shuffle: bool = True):
+        self.tokens, self.mask = tokens, mask
+        self.seed, self.shuffle = seed, shuffle
+        self._perms: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def from_jsonl(cls, path, tokenizer, *, seq_len: int, mode: str = "pack", thinking_mode: str = "chat",
+                   seed: int = 0, shuffle: bool = True, vocab_size: int | None = None):
+        examples = [encode_conversation(c, tokenizer, thinking_mode) for c in read_jsonl(path)]
+        tokens, mask = build_rows(examples, seq_len, mode, tokenizer.eos_id)
+        if vocab_size is not None and tokens.max() >= vocab_size:
+            raise ValueError(f"{path}: token id {int(tokens.max())} is outside the model's vocabulary "
+                             f"({vocab_size}); the tokenizer does not match the checkpoint")
+        return cls(tokens, mask, seed=seed, shuffle=shuffle)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[1] - 1
+
+    def _row(self, position: int) -> int:
+        epoch, i = divmod(position, len(self))
+        if not self.shuffle:
+            return i
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng(self.seed + epoch).permutation(len(self))}
+        return int(self._perms[epoch][i])
+
+    def batch(self, position: int, batch_size: int) -> Batch:
+        """The batch of rows position .. position + batch_size - 1 (wrapping over epochs)."""
+        rows = [self._row(p) for p in range(position, position + batch_size)]
+        tok, msk = self.tokens[rows], self.mask[rows]
+        return Batch(tok[:, :-1], tok[:, 1:], msk[:, 1:])
+
+    def sequential_batches(self, batch_size: int):
+        """Every row once, in file order, in batches (the last one padded with weight-0 rows)."""
+        n = len(self)
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(start + batch_size, n)))
+            tok, msk = self.tokens[idx], self.mask[idx].copy()
+            if len(idx) < batch_size:
+                extra = batch_size - len(idx)
+                tok = np.concatenate([tok, np.repeat(tok[:1], extra, 0)])
+                msk = np.concatenate([msk, np.zeros((extra, msk.shape[1]), np.float32)])
+            yield Batch(tok[:, :-1], tok[:, 1:], msk[:, 1:])
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int(self.mask[:, 1:].sum())

@@ -1,0 +1,366 @@
+"""LoRA adapters as a wrapper over a loaded Transformer (the model code knows nothing of LoRA).
+
+`apply_lora(model, LoRAConfig(...))` replaces, in place, every target module by a wrapper that
+keeps the frozen base module and adds trainable low-rank factors:
+
+    Linear  kernel W [in, out]:      y = x @ W + dropout(x) @ A @ B * (alpha / r)
+                                     A [in, r], B [r, out] (B = 0 at init, so the model is unchanged)
+    Experts gate/up/down [E, in, out]: per-expert A [E, in, r], B [E, r, out], applied through the
+                                     same grouped (ragged_dot) matmuls as the base experts.
+
+Adapter factors are `LoRAWeight` variables (not `nnx.Param`), so `nnx.state(model, LoRAWeight)`
+/ `nnx.split(model, LoRAWeight, ...)` select exactly the adapters and every `nnx.Param` (base
+weight, bf16 or FP8 + scales) stays frozen. Adapters are float32 whatever the base dtype.
+
+Targets are chosen by regular expressions over module paths such as `layers.3.attn.q_a`,
+`layers.3.mlp.shared.up`, `layers.3.mlp.experts` (see TARGET_PRESETS). The MTP head is never
+adapted. Note: the indexer's inputs are detached from the LM loss (as in the official training),
+so indexer adapters ("indexer" preset) receive no gradient from the LM loss.
+
+Exports: `merged_module` (base + A @ B * scale, a plain Transformer for `export.save_hf`) and
+`save_peft` / `load_peft` (safetensors with PEFT names, `lora_A.weight` [r, in],
+`lora_B.weight` [out, r], plus `adapter_config.json`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from dsv32_jax.layers import Linear
+from dsv32_jax.moe import Experts
+from dsv32_jax.params import hf_source
+
+TARGET_PRESETS = {
+    "attn": r"layers\.\d+\.attn\.(q_a|q_b|kv_a|kv_b|o)",
+    "mlp": r"layers\.\d+\.mlp\.(gate|up|down)",            # dense (non-MoE) layers
+    "shared": r"layers\.\d+\.mlp\.shared\.(gate|up|down)",
+    "experts": r"layers\.\d+\.mlp\.experts",
+    "indexer": r"layers\.\d+\.attn\.indexer\.(wq_b|wk)",
+}
+EXPERT_PROJ = ("gate", "up", "down")
+EXPERT_UID_OFFSET = 1 << 20
+
+
+class LoRAWeight(nnx.Variable):
+    """A trainable adapter factor (the only variables the optimizer sees)."""
+
+
+class LoRAKey(nnx.Variable):
+    """Raw PRNG key data (uint32 [2]) for adapter dropout, set once per step by the trainer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """rank r, alpha (scale = alpha / r), dropout on the adapter input, target presets/regexes."""
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("attn",)
+    seed: int = 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def patterns(self) -> list[re.Pattern]:
+        return [re.compile(TARGET_PRESETS.get(t, t)) for t in self.targets]
+
+
+class LoRAContext(nnx.Module):
+    """State shared by all adapters of a model: the config and the dropout key.
+
+    `training` is a plain (static) attribute: the trainer sets it on the copy of the model it
+    builds inside its traced step; outside a step dropout is off.
+    """
+
+    def __init__(self, config: LoRAConfig):
+        self.config = config
+        self.training = False
+        self.key = LoRAKey(jax.random.key_data(jax.random.key(0)))
+
+    def dropout(self, x, uid: int):
+        """x [..., in] -> x with inverted dropout (rate config.dropout) when training, else x."""
+        rate = self.config.dropout
+        if not self.training or rate == 0.0:
+            return x
+        key = jax.random.fold_in(jax.random.wrap_key_data(self.key[...]), uid)
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _init_a(key, shape, fan_in):
+    """PEFT's default: kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class LoRALinear(nnx.Module):
+    """A frozen `Linear` plus adapters lora_a [in, r], lora_b [r, out] (float32).
+
+    __call__(x [..., in]) -> [..., out] in x's dtype: base(x) + dropout(x) @ a @ b * scale
+    (the adapter path in float32). `weight()` returns the merged kernel (used where the model
+    reads a weight directly, e.g. MLA's absorbed kv_b; no dropout there).
+    """
+
+    def __init__(self, base: Linear, ctx: LoRAContext, uid: int, key):
+        cfg = ctx.config
+        self.base, self.ctx, self.uid = base, ctx, uid
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.dtype = base.dtype
+        self.fp8_block = None
+        self.lora_a = LoRAWeight(_init_a(key, (base.in_features, cfg.rank), base.in_features), axes=(None, None))
+        self.lora_b = LoRAWeight(jnp.zeros((cfg.rank, base.out_features), jnp.float32), axes=(None, None))
+
+    def delta(self):
+        """a @ b * scale, float32 [in, out]."""
+        return jnp.dot(self.lora_a[...], self.lora_b[...], precision=jax.lax.Precision.HIGHEST) * \
+            self.ctx.config.scale
+
+    def weight(self):
+        """Merged kernel [in, out] in the compute dtype."""
+        return (self.base.weight().astype(jnp.float32) + self.delta()).astype(self.dtype)
+
+    def __call__(self, x):
+        y = self.base(x)
+        xd = self.ctx.dropout(x, self.uid).astype(jnp.float32)
+        hi = jax.lax.Precision.HIGHEST
+        d = jnp.dot(jnp.dot(xd, self.lora_a[...], precision=hi), self.lora_b[...], precision=hi)
+        return (y.astype(jnp.float32) + d * self.ctx.config.scale).astype(y.dtype)
+
+
+class LoRAExperts(nnx.Module):
+    """Routed experts (stacked gate/up [E, D, I], down [E, I, D]) with per-expert adapters
+    `{proj}_a` [E, in, r] and `{proj}_b` [E, r, out] for proj in gate/up/down.
+
+    __call__(x [N, D], weights [N, k], experts [N, k]) -> [N, D] float32, the same grouped
+    computation as `Experts` with each grouped matmul g(xs, W) replaced by
+    g(xs, W) + g(g(dropout(xs), A), B) * scale. `weight(name)` returns merged stacks (used by
+    the expert-parallel path, without dropout).
+    """
+
+    def __init__(self, base: Experts, ctx: LoRAContext, uid: int, key):
+        cfg = ctx.config
+        self.base, self.ctx, self.uid = base, ctx, uid
+        for i, name in enumerate(EXPERT_PROJ):
+            e, din, dout = getattr(base, name).shape
+            setattr(self, name + "_a", LoRAWeight(_init_a(jax.random.fold_in(key, i), (e, din, cfg.rank), din),
+                                                  axes=("experts", None, None)))
+            setattr(self, name + "_b", LoRAWeight(jnp.zeros((e, cfg.rank, dout), jnp.float32),
+                                                  axes=("experts", None, None)))
+
+    def delta(self, name):
+        """A @ B * scale per expert, float32 [E, in, out]."""
+        return jnp.einsum("eir,ero->eio", getattr(self, name + "_a")[...], getattr(self, name + "_b")[...],
+                          precision=jax.lax.Precision.HIGHEST) * self.ctx.config.scale
+
+    def weight(self, name):
+        return (self.base.weight(name).astype(jnp.float32) + self.delta(name)).astype(self.base.dtype)
+
+    def __call__(self, x, weights, experts):
+        n, k = experts.shape
+        num_e = self.base.gate.shape[0]
+        flat = experts.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        xs = jnp.take(x, order // k, axis=0)
+        sizes = jnp.bincount(flat, length=num_e).astype(jnp.int32)
+        scale = self.ctx.config.scale
+
+        def gmm(a, w):
+            return jax.lax.ragged_dot(a, w.astype(a.dtype), sizes, preferred_element_type=jnp.float32)
+
+        def proj(a, name, uid):
+            ad = self.ctx.dropout(a, uid).astype(jnp.float32)
+            low = gmm(ad, getattr(self, name + "_a")[...])
+            return gmm(a, self.base.weight(name)) + gmm(low, getattr(self, name + "_b")[...]) * scale
+
+        base_uid = EXPERT_UID_OFFSET + 3 * self.uid     # dropout streams distinct from LoRALinear's
+        hdn = jax.nn.silu(proj(xs, "gate", base_uid)) * proj(xs, "up", base_uid + 1)
+        ys = proj(hdn.astype(x.dtype), "down", base_uid + 2)                      # [N*k, D] f32
+        y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+        return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32))
+
+
+# ------------------------------------------------------------------------------ wrapping
+def _path_str(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def find_targets(model, config: LoRAConfig) -> list[tuple[tuple, nnx.Module]]:
+    """(path, module) of every Linear / Experts of `model` whose dotted path fully matches a target."""
+    pats = config.patterns()
+    out = []
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, (Linear, Experts)) and path and path[0] == "layers":
+            s = _path_str(path)
+            if any(p.fullmatch(s) for p in pats):
+                out.append((tuple(path), node))
+    return out
+
+
+def _set_child(model, path, value):
+    parent = model
+    for p in path[:-1]:
+        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = value
+    else:
+        setattr(parent, path[-1], value)
+
+
+def apply_lora(model, config: LoRAConfig):
+    """Wrap the target modules of a Transformer in place; returns the model.
+
+    Raises ValueError if no module matches or if the model already has adapters.
+    """
+    if getattr(model, "lora", None) is not None:
+        raise ValueError("the model already has LoRA adapters")
+    targets = find_targets(model, config)
+    if not targets:
+        raise ValueError(f"no module matches the LoRA targets {config.targets}")
+    ctx = LoRAContext(config)
+    key = jax.random.key(config.seed)
+    for uid, (path, node) in enumerate(targets):
+        k = jax.random.fold_in(key, uid)
+        wrapper = LoRAExperts(node, ctx, uid, k) if isinstance(node, Experts) else LoRALinear(node, ctx, uid, k)
+        _set_child(model, path, wrapper)
+    model.lora = ctx
+    return model
+
+
+def adapters(model) -> list[tuple[tuple, nnx.Module]]:
+    """(path of the wrapped module, wrapper) for every adapter of the model, in graph order."""
+    return [(tuple(p), n) for p, n in nnx.iter_graph(model) if isinstance(n, (LoRALinear, LoRAExperts))]
+
+
+def count_params(model) -> tuple[int, int]:
+    """(adapter parameters, base parameters)."""
+    n_lora = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, LoRAWeight)))
+    n_base = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return n_lora, n_base
+
+
+# ------------------------------------------------------------------------------ merge / export
+def merged_module(model):
+    """A copy of the model with adapters folded into the base weights and no LoRA modules.
+
+    Merged kernel = base + a @ b * scale, computed in float32 and stored in the base dtype
+    (bf16/f32). FP8 base weights are not requantised: merging an FP8 model raises ValueError;
+    load the base with fp8_weights=False, `transfer_adapters` into it and merge that.
+    """
+    if model.options.fp8_weights:
+        raise ValueError("cannot merge adapters into FP8 base weights; load the base with "
+                         "fp8_weights=False, transfer_adapters(...) and merge that model")
+    merged = nnx.clone(model)
+    for path, wrapper in adapters(merged):
+        base = wrapper.base
+        if isinstance(wrapper, LoRALinear):
+            base.kernel[...] = wrapper.weight().astype(base.kernel.dtype)
+        else:
+            for name in EXPERT_PROJ:
+                var = getattr(base, name)
+                var[...] = wrapper.weight(name).astype(var.dtype)
+        _set_child(merged, path, base)
+    del merged.lora
+    return merged
+
+
+def transfer_adapters(src, dst):
+    """Give `dst` (a Transformer of the same config) the adapters of `src`; returns dst."""
+    if getattr(dst, "lora", None) is None:
+        apply_lora(dst, src.lora.config)
+    nnx.update(dst, nnx.state(src, LoRAWeight))
+    return dst
+
+
+def _peft_module_names(model, path, wrapper) -> list[tuple[str, str, str]]:
+    """[(hf module name, attribute of a, attribute of b)] for one adapter, per expert for Experts."""
+    cfg = model.cfg
+    if isinstance(wrapper, LoRALinear):
+        name = hf_source(path + ("kernel",), cfg).names[0]
+        return [(name[: -len(".weight")], "lora_a", "lora_b")]
+    out = []
+    for proj in EXPERT_PROJ:
+        for name in hf_source(path + (proj,), cfg).names:
+            out.append((name[: -len(".weight")], proj + "_a", proj + "_b"))
+    return out
+
+
+def peft_tensors(model) -> dict[str, np.ndarray]:
+    """{PEFT name: float32 array}: `base_model.model.<hf module>.lora_A.weight` [r, in] and
+    `...lora_B.weight` [out, r] (routed experts: one pair per expert)."""
+    out = {}
+    for path, wrapper in adapters(model):
+        names = _peft_module_names(model, path, wrapper)
+        if isinstance(wrapper, LoRALinear):
+            (mod, _, _), = names
+            out[f"base_model.model.{mod}.lora_A.weight"] = np.ascontiguousarray(np.asarray(wrapper.lora_a[...]).T)
+            out[f"base_model.model.{mod}.lora_B.weight"] = np.ascontiguousarray(np.asarray(wrapper.lora_b[...]).T)
+            continue
+        e = wrapper.base.gate.shape[0]
+        for i, (mod, an, bn) in enumerate(names):
+            a = np.asarray(getattr(wrapper, an)[...])[i % e]
+            b = np.asarray(getattr(wrapper, bn)[...])[i % e]
+            out[f"base_model.model.{mod}.lora_A.weight"] = np.ascontiguousarray(a.T)
+            out[f"base_model.model.{mod}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    return out
+
+
+def save_peft(model, out_dir, base_model_name_or_path: str = "") -> Path:
+    """Write `adapter_model.safetensors` + `adapter_config.json` (PEFT LoRA layout) to out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg: LoRAConfig = model.lora.config
+    tensors = peft_tensors(model)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    modules = sorted({n.split(".")[-3] for n in tensors})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "target_modules": modules, "modules_to_save": None,
+        # the dsv32_jax target expressions, so load_peft can rebuild the same wrappers
+        "dsv32_jax_targets": list(cfg.targets),
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def load_peft(model, adapter_dir):
+    """Wrap `model` as described by adapter_config.json and load the adapter weights; returns model."""
+    d = Path(adapter_dir)
+    meta = json.loads((d / "adapter_config.json").read_text())
+    targets = tuple(meta.get("dsv32_jax_targets") or ("attn",))
+    config = LoRAConfig(rank=int(meta["r"]), alpha=float(meta["lora_alpha"]),
+                        dropout=float(meta.get("lora_dropout", 0.0)), targets=targets)
+    apply_lora(model, config)
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    used = set()
+    for path, wrapper in adapters(model):
+        names = _peft_module_names(model, path, wrapper)
+        if isinstance(wrapper, LoRALinear):
+            (mod, _, _), = names
+            a, b = (f"base_model.model.{mod}.lora_{x}.weight" for x in "AB")
+            wrapper.lora_a[...] = jnp.asarray(tensors[a].T, jnp.float32)
+            wrapper.lora_b[...] = jnp.asarray(tensors[b].T, jnp.float32)
+            used.update((a, b))
+            continue
+        e = wrapper.base.gate.shape[0]
+        for j, proj in enumerate(EXPERT_PROJ):
+            group = names[j * e:(j + 1) * e]
+            a_names = [f"base_model.model.{mod}.lora_A.weight" for mod, _, _ in group]
+            b_names = [f"base_model.model.{mod}.lora_B.weight" for mod, _, _ in group]
+            getattr(wrapper, proj + "_a")[...] = jnp.asarray(np.stack([tensors[n].T for n in a_names]), jnp.float32)
+            getattr(wrapper, proj + "_b")[...] = jnp.asarray(np.stack([tensors[n].T for n in b_names]), jnp.float32)
+            used.update(a_names + b_names)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"{d}: adapter tensors match no module of the model, e.g. {unused[:3]}")
+    return model

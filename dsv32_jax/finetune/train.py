@@ -1,0 +1,291 @@
+"""LoRA training: loss, jitted train/eval steps, MoE load statistics, Orbax checkpoints.
+
+The step is a pure function of (adapters, frozen rest of the model, optimizer state, batch,
+step number). Inside it the model is rebuilt with `nnx.merge` and instrumented on that
+traced copy only (the persistent module tree and its state paths never change):
+  * each decoder Block is wrapped by `RematBlock` (jax.checkpoint around the block call: only
+    block inputs are saved for the backward, everything inside is recomputed);
+  * each MoE router is wrapped by `RouterProbe`, which records the tokens routed per expert;
+  * the LoRA dropout key is fold_in(seed, step), so a resumed run draws the same masks.
+Gradients are taken w.r.t. the adapters (`LoRAWeight`) only, and optax updates only them: the
+base parameters are arguments that are never differentiated nor written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dsv32_jax.finetune.lora import LoRAKey, LoRAWeight
+from dsv32_jax.moe import MoE
+from dsv32_jax.sharding import batch_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainHParams:
+    """Optimiser and step settings (hashable: part of the jit cache key)."""
+    lr: float = 1e-4
+    steps: int = 100
+    warmup: int = 10
+    end_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    remat: bool = True
+    seed: int = 0
+
+
+def make_optimizer(hp: TrainHParams) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on a linear-warmup + cosine-decay learning rate."""
+    return optax.chain(optax.clip_by_global_norm(hp.clip),
+                       optax.adamw(lr_schedule(hp), b1=hp.b1, b2=hp.b2, weight_decay=hp.weight_decay))
+
+
+def lr_schedule(hp: TrainHParams):
+    """Learning rate of step s (0-based): lr * (s + 1) / warmup during the warmup steps, then a
+    cosine decay to lr * end_lr_ratio at the last step (no step runs with lr 0)."""
+    warmup = min(hp.warmup, max(hp.steps - 1, 0))
+    base = optax.warmup_cosine_decay_schedule(0.0, hp.lr, warmup, max(hp.steps, warmup + 1),
+                                              end_value=hp.lr * hp.end_lr_ratio)
+    return lambda step: base(step + 1)
+
+
+# ------------------------------------------------------------------------------ instrumentation
+class LoadStat(nnx.Variable):
+    """Tokens routed to each expert in the last forward, float32 [E]."""
+
+
+class RouterProbe(nnx.Module):
+    """Wraps an MoE router; same outputs, and records the per-expert token count in `load`."""
+
+    def __init__(self, router, num_experts: int):
+        self.router = router
+        self.num_experts = num_experts
+        self.load = LoadStat(jnp.zeros((num_experts,), jnp.float32))
+
+    def __call__(self, x):
+        w, e, s = self.router(x)
+        self.load[...] = jnp.bincount(e.reshape(-1), length=self.num_experts).astype(jnp.float32)
+        return w, e, s
+
+
+class RematBlock(nnx.Module):
+    """Wraps a decoder Block: its call runs under jax.checkpoint (per-layer rematerialisation).
+
+    The block is split into (graphdef, state) and rebuilt inside the checkpointed function; the
+    router statistics written inside come back as outputs and are written to the block.
+    """
+
+    def __init__(self, block):
+        self.block = block
+
+    def __call__(self, h, positions, cos, sin, **kw):
+        graphdef, state = nnx.split(self.block)
+
+        def run(state, h, positions, cos, sin):
+            blk = nnx.merge(graphdef, state)
+            out = blk(h, positions, cos, sin, **kw)
+            return out, nnx.state(blk, LoadStat)
+
+        out, stats = jax.checkpoint(run)(state, h, positions, cos, sin)
+        nnx.update(self.block, stats)
+        return out
+
+
+def instrument(model, *, remat: bool, training: bool, key_data=None) -> list[RouterProbe]:
+    """Prepare a (traced) model copy for a step; returns the router probes (one per MoE layer)."""
+    if getattr(model, "lora", None) is not None:
+        model.lora.training = training
+        if key_data is not None:
+            model.lora.key = LoRAKey(key_data)     # a new variable: the old one belongs to an outer trace
+    probes = []
+    for layer in model.layers:
+        if isinstance(layer.mlp, MoE):
+            probe = RouterProbe(layer.mlp.router, model.cfg.n_routed_experts)
+            layer.mlp.router = probe
+            probes.append(probe)
+    if remat:
+        for i in range(len(model.layers)):
+            model.layers[i] = RematBlock(model.layers[i])
+    return probes
+
+
+# ------------------------------------------------------------------------------ loss and steps
+def token_nll(logits, targets):
+    """logits float32 [B, T, V], targets int32 [B, T] -> negative log-likelihood [B, T]."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return logz - tgt
+
+
+def forward_loss(model, batch):
+    """Summed weighted NLL and weight total of a batch (inputs/targets/weights [B, T])."""
+    h, _, _ = model.hidden(batch["inputs"])
+    nll = token_nll(model.logits(h), batch["targets"])
+    w = batch["weights"].astype(jnp.float32)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+def _loads(probes):
+    if not probes:
+        return jnp.zeros((0, 0), jnp.float32)
+    return jnp.stack([p.load[...] for p in probes])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "hp"), donate_argnames=("lora", "opt_state"))
+def train_step(graphdef, hp: TrainHParams, lora, rest, opt_state, batch, step):
+    """One AdamW step on the adapters. Returns (lora, opt_state, metrics).
+
+    metrics: loss (mean NLL over weighted targets), tokens (weight sum), grad_norm, lr,
+    expert_load float32 [n_moe_layers, E].
+    """
+    key_data = jax.random.key_data(jax.random.fold_in(jax.random.key(hp.seed), step))
+
+    def loss_fn(lora):
+        model = nnx.merge(graphdef, lora, rest)
+        probes = instrument(model, remat=hp.remat, training=True, key_data=key_data)
+        total, count = forward_loss(model, batch)
+        return total / jnp.maximum(count, 1.0), (count, _loads(probes))
+
+    (loss, (count, loads)), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
+    tx = make_optimizer(hp)
+    updates, opt_state = tx.update(grads, opt_state, lora)
+    lora = optax.apply_updates(lora, updates)
+    metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads),
+               "lr": lr_schedule(hp)(step), "expert_load": loads}
+    return lora, opt_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def eval_step(graphdef, lora, rest, batch):
+    """(summed NLL, weight total, expert_load [n_moe_layers, E]) of one batch, no dropout."""
+    model = nnx.merge(graphdef, lora, rest)
+    probes = instrument(model, remat=False, training=False)
+    total, count = forward_loss(model, batch)
+    return total, count, _loads(probes)
+
+
+def load_balance(loads) -> dict[str, float]:
+    """Expert-load statistics from token counts [n_moe_layers, E] (averaged over layers):
+    max_load = max / mean tokens per expert (1 = perfectly balanced), cv = std / mean,
+    idle = fraction of experts that received no token."""
+    loads = np.asarray(loads, np.float64)
+    if loads.size == 0:
+        return {}
+    mean = loads.mean(axis=1, keepdims=True).clip(min=1e-9)
+    return {"moe_max_load": float((loads.max(axis=1, keepdims=True) / mean).mean()),
+            "moe_cv": float((loads.std(axis=1, keepdims=True) / mean).mean()),
+            "moe_idle": float((loads == 0).mean())}
+
+
+# ------------------------------------------------------------------------------ trainer
+class Trainer:
+    """Holds the split model (adapters | frozen rest), the optimiser state and the step count.
+
+    model: a Transformer with adapters (finetune.lora.apply_lora). The model object itself is
+    updated with the trained adapters by `sync()`.
+    """
+
+    def __init__(self, model, hp: TrainHParams):
+        self.model, self.hp = model, hp
+        self.mesh = model.options.mesh
+        self.graphdef, lora, self.rest = nnx.split(model, LoRAWeight, ...)
+        if self.mesh is not None:     # adapters are small: replicate them on every device
+            lora = jax.device_put(lora, NamedSharding(self.mesh, PartitionSpec()))
+        self.lora = lora
+        self.opt_state = make_optimizer(hp).init(lora)
+        self.step = 0
+
+    def device_batch(self, batch) -> dict:
+        b = {k: jnp.asarray(v) for k, v in batch.as_dict().items()}
+        if self.mesh is not None:
+            b = {k: jax.device_put(v, NamedSharding(self.mesh, batch_spec(self.mesh, v.ndim, v.shape[0])))
+                 for k, v in b.items()}
+        return b
+
+    def train_step(self, batch) -> dict:
+        """Run one step on a data.Batch; returns host metrics (floats + expert_load array)."""
+        self.lora, self.opt_state, m = train_step(self.graphdef, self.hp, self.lora, self.rest, self.opt_state,
+                                                  self.device_batch(batch), jnp.asarray(self.step, jnp.int32))
+        self.step += 1
+        m = jax.device_get(m)
+        out = {k: float(v) for k, v in m.items() if k != "expert_load"}
+        out["expert_load"] = np.asarray(m["expert_load"])
+        return out
+
+    def evaluate(self, dataset, batch_size: int) -> dict:
+        """Mean NLL over all weighted targets of a ChatDataset (every row once) + load stats."""
+        total, count, loads = 0.0, 0.0, 0.0
+        for batch in dataset.sequential_batches(batch_size):
+            t, c, lo = eval_step(self.graphdef, self.lora, self.rest, self.device_batch(batch))
+            total, count, loads = total + float(t), count + float(c), loads + np.asarray(lo)
+        return {"eval_loss": total / max(count, 1.0), "eval_tokens": count, **load_balance(loads)}
+
+    def sync(self):
+        """Write the current adapters into self.model; returns the model."""
+        nnx.update(self.model, self.lora)
+        return self.model
+
+    # ---------------------------------------------------------------- checkpoint pytree
+    def _leaves(self):
+        return jax.tree.leaves((self.lora, self.opt_state))
+
+    def checkpoint_tree(self) -> dict:
+        """{"p00000": array, ...}: adapters then optimiser-state leaves, in pytree order."""
+        return {f"p{i:05d}": v for i, v in enumerate(self._leaves())}
+
+    def load_checkpoint_tree(self, tree: dict, step: int):
+        treedef = jax.tree.structure((self.lora, self.opt_state))
+        old = self._leaves()
+        if len(tree) != len(old):
+            raise ValueError(f"checkpoint has {len(tree)} arrays, this run expects {len(old)} "
+                             "(different LoRA targets/rank?)")
+        leaves = []
+        for i, ref in enumerate(old):
+            v = tree[f"p{i:05d}"]
+            if tuple(v.shape) != tuple(ref.shape):
+                raise ValueError(f"checkpoint array {i} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}")
+            sharding = getattr(ref, "sharding", None)
+            leaves.append(jax.device_put(jnp.asarray(v, ref.dtype), sharding))
+        self.lora, self.opt_state = jax.tree.unflatten(treedef, leaves)
+        self.step = int(step)
+
+
+class Checkpointer:
+    """Orbax checkpoints of (adapters, optimiser state) + JSON metadata (data position, ...)."""
+
+    def __init__(self, directory, *, max_to_keep: int = 2):
+        self.dir = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                           enable_async_checkpointing=False))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, trainer: Trainer, meta: dict):
+        self.manager.save(trainer.step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(trainer.checkpoint_tree()),
+            meta=ocp.args.JsonSave(dict(meta, step=trainer.step))), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, trainer: Trainer, step: int | None = None) -> dict:
+        """Load a checkpoint (default: the latest) into the trainer; returns its metadata."""
+        step = self.latest_step() if step is None else step
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.checkpoint_tree())
+        got = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        trainer.load_checkpoint_tree(got["state"], got["meta"]["step"])
+        return dict(got["meta"])
+
+    def close(self):
+        self.manager.close()
