@@ -19,7 +19,7 @@ from dsv32_jax.model import RuntimeOptions, Transformer
 from dsv32_jax.numerics import dequant_blocks
 from dsv32_jax.params import ParamInfo, apply_transform, build_abstract, hf_source, path_str
 from dsv32_jax.safetensors_io import CheckpointError, HFCheckpoint
-from dsv32_jax.sharding import batch_spec, make_mesh, spec_for
+from dsv32_jax.sharding import batch_spec, make_mesh, put, spec_for
 
 FP8 = np.dtype(jnp.float8_e4m3fn)
 
@@ -83,7 +83,7 @@ class Model:
         ids = jnp.asarray(input_ids, jnp.int32)
         mesh = self.options.mesh
         if mesh is not None:
-            ids = jax.device_put(ids, NamedSharding(mesh, batch_spec(mesh, ids.ndim, ids.shape[0])))
+            ids = put(ids, NamedSharding(mesh, batch_spec(mesh, ids.ndim, ids.shape[0])))
         return ids
 
     def __call__(self, input_ids):
@@ -110,7 +110,7 @@ def load_hf(path, options: RuntimeOptions, cfg: ModelConfig | None = None, progr
         if mesh is None:
             var.set_value(jnp.asarray(value))
         else:   # each device receives only its shard of the host array
-            var.set_value(jax.device_put(value, NamedSharding(mesh, spec_for(axes, info.shape, mesh))))
+            var.set_value(put(value, NamedSharding(mesh, spec_for(axes, info.shape, mesh))))
         if progress is not None:
             progress(path_str(p))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -57,14 +57,30 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return sizes
 
 
-def maybe_initialize_distributed() -> None:
-    """Start JAX's distributed runtime for multi-host runs (coordinator given by the usual
-    environment: JAX_COORDINATOR_ADDRESS, or a TPU pod / SLURM / Open MPI launcher that
-    `jax.distributed.initialize()` detects). A no-op for single-host runs."""
-    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
-        return
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("DSV32_DISTRIBUTED") == "1":
+def maybe_initialize_distributed() -> bool:
+    """Join JAX's distributed runtime for multi-host runs; returns True if it was started.
+
+    Started when JAX_COORDINATOR_ADDRESS (host:port of process 0) is set, with
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID giving this process's place (GPU clusters, or CPU
+    hosts), or when DSV32_DISTRIBUTED=1 asks `jax.distributed.initialize()` to detect a TPU
+    pod / SLURM / Open MPI launcher by itself. A no-op for single-host runs. Must run before
+    anything touches the devices.
+    """
+    if jax.distributed.is_initialized():
+        return False
+    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if addr:
+        kw = {"coordinator_address": addr}
+        if os.environ.get("JAX_NUM_PROCESSES"):
+            kw["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        if os.environ.get("JAX_PROCESS_ID"):
+            kw["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(**kw)
+        return True
+    if os.environ.get("DSV32_DISTRIBUTED") == "1":
         jax.distributed.initialize()
+        return True
+    return False
 
 
 def make_mesh(spec: str | Mesh | None, devices=None) -> Mesh | None:
@@ -120,6 +136,15 @@ def param_shardings(state, mesh: Mesh, rules=None):
         return NamedSharding(mesh, spec_for(var.get_metadata().get("axes"), tuple(v.shape), mesh, rules))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def put(x, sharding):
+    """Place a host value into `sharding`, also when the sharding spans several processes
+    (multi-host): every process holds the same full value and contributes its own shards."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 def batch_spec(mesh: Mesh | None, ndim: int, batch: int | None = None) -> P:

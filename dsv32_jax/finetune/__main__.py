@@ -95,6 +95,9 @@ def run(argv=None, *, stop_after: int | None = None) -> dict:
     from dsv32_jax.generate.tokenizer import load_tokenizer
 
     args = build_parser().parse_args(argv)
+    if args.mesh:     # multi-host: join the distributed runtime before any device is touched
+        from dsv32_jax.sharding import maybe_initialize_distributed
+        maybe_initialize_distributed()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.attention_impl is None:

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv32_jax.finetune.lora import LoRAKey, LoRAWeight
 from dsv32_jax.moe import MoE
-from dsv32_jax.sharding import batch_spec
+from dsv32_jax.sharding import batch_spec, put
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +200,7 @@ class Trainer:
         self.mesh = model.options.mesh
         self.graphdef, lora, self.rest = nnx.split(model, LoRAWeight, ...)
         if self.mesh is not None:     # adapters are small: replicate them on every device
-            lora = jax.device_put(lora, NamedSharding(self.mesh, PartitionSpec()))
+            lora = jax.tree.map(lambda a: put(a, NamedSharding(self.mesh, PartitionSpec())), lora)
         self.lora = lora
         self.opt_state = make_optimizer(hp).init(lora)
         self.step = 0
@@ -208,7 +208,7 @@ class Trainer:
     def device_batch(self, batch) -> dict:
         b = {k: jnp.asarray(v) for k, v in batch.as_dict().items()}
         if self.mesh is not None:
-            b = {k: jax.device_put(v, NamedSharding(self.mesh, batch_spec(self.mesh, v.ndim, v.shape[0])))
+            b = {k: put(v, NamedSharding(self.mesh, batch_spec(self.mesh, v.ndim, v.shape[0])))
                  for k, v in b.items()}
         return b
 
@@ -255,7 +255,8 @@ class Trainer:
             if tuple(v.shape) != tuple(ref.shape):
                 raise ValueError(f"checkpoint array {i} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}")
             sharding = getattr(ref, "sharding", None)
-            leaves.append(jax.device_put(jnp.asarray(v, ref.dtype), sharding))
+            leaves.append(put(np.asarray(v).astype(ref.dtype), sharding) if sharding is not None
+                          else jnp.asarray(v, ref.dtype))
         self.lora, self.opt_state = jax.tree.unflatten(treedef, leaves)
         self.step = int(step)
 

@@ -238,6 +238,9 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.mesh:     # multi-host: join the distributed runtime before any device is touched
+        from dsv32_jax.sharding import maybe_initialize_distributed
+        maybe_initialize_distributed()
     t0 = time.perf_counter()
     try:
         if args.demo:

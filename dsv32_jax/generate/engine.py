@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from dsv32_jax.generate.sampling import SamplingParams, sample
-from dsv32_jax.sharding import batch_spec
+from dsv32_jax.sharding import batch_spec, put
 
 PAD_ID = 0
 MIN_CHUNK = 16
@@ -191,7 +191,7 @@ class Engine:
         mesh = self.module.options.mesh
         if mesh is None:
             return x
-        return jax.device_put(x, NamedSharding(mesh, batch_spec(mesh, x.ndim, x.shape[0])))
+        return put(x, NamedSharding(mesh, batch_spec(mesh, x.ndim, x.shape[0])))
 
     def logits(self, h):
         """h [B, D] -> float32 logits [B, V]."""

@@ -144,15 +144,16 @@ def test_stream_eos_and_max_new_tokens(hf_tiny):
     assert stopped[1].token_ids == base[1].token_ids[:first]
 
 
-def test_sharded_generation_equals_single_device(hf_tiny):
-    """A mesh over the 8 host devices (batch over data, experts over expert): same greedy ids."""
+@pytest.mark.parametrize("mesh", ["data=8", "expert=8", "tensor=2,expert=4", "data=2,expert=4"])
+def test_sharded_generation_equals_single_device(hf_tiny, mesh):
+    """Meshes over the 8 host devices (pure data, expert-parallel, tensor x expert): same greedy ids."""
     _, path = hf_tiny
     if jax.device_count() < 8:
         pytest.skip("needs 8 (host) devices")
     prompts = _prompts(6, lens=(11, 19))
     greedy = SamplingParams(temperature=0.0)
     ref = Engine(dsv32_jax.load(path, dtype=jnp.float32, numerics="exact"), prefill_chunk=16, len_bucket=64)
-    sharded = Engine(dsv32_jax.load(path, dtype=jnp.float32, numerics="exact", mesh="data=2,expert=4"),
+    sharded = Engine(dsv32_jax.load(path, dtype=jnp.float32, numerics="exact", mesh=mesh),
                      prefill_chunk=16, len_bucket=64)
     a = ref.generate(prompts, max_new_tokens=6, sampling=greedy)
     b = sharded.generate(prompts, max_new_tokens=6, sampling=greedy)
