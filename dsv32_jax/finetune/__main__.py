@@ -37,36 +37,43 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dsv32_jax.finetune", description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="base model checkpoint directory (Hugging Face layout)")
+    p.add_argument("--ckpt", required=True, help="base model checkpoint directory (Hugging Face layout or converted)")
     p.add_argument("--data", required=True, help="training JSONL: one {\"messages\": [...]} per line")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, exports)")
     p.add_argument("--eval-data", help="evaluation JSONL (same format)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json (default: --ckpt)")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0,
+                   help="LoRA alpha; the update is scaled by alpha / rank (default 16)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapter input")
     p.add_argument("--targets", default="attn",
                    help=f"comma-separated presets {sorted(TARGET_PRESETS)} or regexes over module paths "
                         "such as 'layers\\.[0-3]\\.attn\\.q_b'")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="peak AdamW learning rate, reached after --warmup, then cosine decay (default 1e-4)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps in total (default 100)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of --steps)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the adapters (default 0)")
     p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq-len", type=int, default=2048,
+                   help="tokens per training row; longer conversations are cut (default 2048)")
     p.add_argument("--mode", choices=MODES, default="pack", help="pack conversations or pad each to a row")
-    p.add_argument("--thinking-mode", choices=("chat", "thinking"), default="chat")
+    p.add_argument("--thinking-mode", choices=("chat", "thinking"), default="chat",
+                   help="chat template mode used to encode the data (default chat)")
     p.add_argument("--dtype", default="bfloat16", help="compute / base-weight dtype")
     p.add_argument("--fp8-weights", action="store_true", help="keep FP8 base weights as e4m3 + scales")
-    p.add_argument("--numerics", choices=("exact", "reference"), default="exact")
+    p.add_argument("--numerics", choices=("exact", "reference"), default="exact",
+                   help="exact: no FP8 simulation (default); reference: the official FP8 indexer/KV numerics")
     p.add_argument("--attention-impl", choices=("xla", "pallas", "interpret"), default=None,
                    help="default: pallas on GPU/TPU, xla on CPU")
     p.add_argument("--mesh", help="device mesh such as 'data=4,tensor=2'")
     p.add_argument("--no-remat", action="store_true", help="keep all activations (no per-layer remat)")
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=50,
+                   help="checkpoint adapters + optimizer state + data position every N steps (default 50)")
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="evaluate on --eval-data every N steps (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="seed of adapter init, data order and dropout")
     p.add_argument("--no-merge", action="store_true", help="skip the merged-checkpoint export")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

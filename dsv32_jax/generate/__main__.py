@@ -57,14 +57,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 1.0)")
     p.add_argument("--top-p", type=float, help="nucleus mass (default: generation_config.json, else 0.95)")
     p.add_argument("--top-k", type=int, help="0 = off (default: generation_config.json, else 0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
-    p.add_argument("--numerics", default="reference", choices=["reference", "exact"])
-    p.add_argument("--attention-impl", default="xla", choices=["xla", "pallas", "interpret"])
+    p.add_argument("--numerics", default="reference", choices=["reference", "exact"],
+                   help="reference (default): the official FP8 indexer + KV-latent numerics; exact: transformers' numerics")
+    p.add_argument("--attention-impl", default="xla", choices=["xla", "pallas", "interpret"],
+                   help="xla (default): plain XLA ops; pallas: the TPU/GPU kernels; interpret: kernels in interpret mode")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=2,expert=4"')
-    p.add_argument("--prefill-chunk", type=int, default=256)
+    p.add_argument("--prefill-chunk", type=int, default=256,
+                   help="longest prompt chunk per prefill call; longer prompts are prefilled in chunks (default 256)")
     p.add_argument("--json", action="store_true", help="print ids and text as one JSON object")
     args = p.parse_args(argv)
     if args.demo:
