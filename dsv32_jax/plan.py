@@ -14,7 +14,6 @@ import math
 import sys
 
 import jax.numpy as jnp
-import numpy as np
 
 from dsv32_jax.config import ModelConfig, load_config
 from dsv32_jax.model import RuntimeOptions

@@ -1,21 +1,11 @@
 """Public entry point of the indexer top-k op."""
 from __future__ import annotations
 
-import jax
-
+from pallas_kernels.common import platform_backend
 from pallas_kernels.indexer_topk import reference
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
 BACKENDS = ("tpu", "gpu")
-
-
-def _platform_backend():
-    platform = jax.default_backend()
-    if platform == "tpu":
-        return "tpu"
-    if platform in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    return None
 
 
 def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=None,
@@ -43,7 +33,7 @@ def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=N
     if impl not in IMPLS:
         raise ValueError(f"indexer_topk: unknown impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto":
-        backend = _platform_backend()
+        backend = platform_backend()
         if backend is None:
             impl = "reference"
     if impl == "reference":
@@ -53,7 +43,7 @@ def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=N
         backend = backend or "tpu"
         kernel_options.setdefault("interpret", True)
     elif impl == "pallas":
-        backend = backend or _platform_backend()
+        backend = backend or platform_backend()
         if backend is None:
             raise ValueError("indexer_topk: impl='pallas' needs a TPU or GPU; use "
                              "impl='interpret' on CPU")

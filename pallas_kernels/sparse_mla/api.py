@@ -3,23 +3,14 @@ from __future__ import annotations
 
 import functools
 
-import jax
 
+from pallas_kernels.common import platform_backend
 from pallas_kernels.sparse_mla import reference
 from pallas_kernels.sparse_mla.vjp import sparse_mla_blockwise, sparse_mla_vjp
 
 IMPLS = ("auto", "pallas", "interpret", "reference", "xla")
 BACKENDS = ("tpu", "gpu")
 VARIANTS = ("auto", "prefill", "decode")
-
-
-def _platform_backend():
-    platform = jax.default_backend()
-    if platform == "tpu":
-        return "tpu"
-    if platform in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    return None
 
 
 def kernel_forward(backend: str, variant: str, **kernel_options):
@@ -72,7 +63,7 @@ def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, impl: str = "auto",
     if variant not in VARIANTS:
         raise ValueError(f"sparse_mla: unknown variant {variant!r}; expected {VARIANTS}")
     if impl == "auto":
-        backend = _platform_backend()
+        backend = platform_backend()
         impl = "reference" if backend is None else "pallas"
     if impl == "reference":
         return reference.sparse_mla(q, kv, indices, softmax_scale=softmax_scale, v_dim=v_dim,
@@ -85,7 +76,7 @@ def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, impl: str = "auto",
         backend = backend or "tpu"
         kernel_options.setdefault("interpret", True)
     else:
-        backend = backend or _platform_backend()
+        backend = backend or platform_backend()
         if backend is None:
             raise ValueError("sparse_mla: impl='pallas' needs a TPU or GPU; use "
                              "impl='interpret' on CPU")
