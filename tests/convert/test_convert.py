@@ -197,6 +197,11 @@ def test_restore_with_a_mesh_uses_the_logical_axis_rules(converted):
     want = dict(nnx.to_flat_state(param_shardings(state, mesh)))
     for p, var in nnx.to_flat_state(state):
         assert var.get_value().sharding == want[p], p
+    # each device holds only its own slice: experts / 4 (expert axis), hidden / 2 (tensor axis)
+    gate = state["layers"][1]["mlp"]["experts"]["gate"].get_value()
+    e, d, i = gate.shape
+    assert {s.device for s in gate.addressable_shards} == set(mesh.devices.flat)
+    assert all(s.data.shape == (e // 4, d, i // 2) for s in gate.addressable_shards)
 
 
 def test_rerun_on_complete_output_writes_nothing(converted, tmp_path):
