@@ -1,7 +1,9 @@
 """Generation benchmarks; prints one JSON object.
 
 (a) "vs_transformers": decode tokens/s of our engine vs transformers' `generate` on the same tiny
-    random checkpoint (float32, exact numerics, greedy, same batch and prompt length). Decode
+    random checkpoint (float32, exact numerics, greedy, same batch and prompt length), one row
+    per batch (--batch 1,4,16). On XLA:CPU `ragged_dot` computes every expert group densely,
+    so our MoE cost grows with the batch and the ratio falls as the batch grows. Decode
     rate = B * (N - 1) / (time(N new tokens) - time(1 new token)), i.e. prefill and the first
     token excluded; ours is measured after compilation.
 (b) "dsa_vs_dense": our jitted decode step (one token per row, logits included) of a 2-layer
@@ -37,17 +39,11 @@ from dsv32_jax.generate.engine import Engine  # noqa: E402
 from dsv32_jax.generate.sampling import SamplingParams  # noqa: E402
 from dsv32_jax.model import RuntimeOptions, Transformer  # noqa: E402
 
-TINY_HF = dict(
-    vocab_size=1024, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
-    qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=16,
-    num_experts_per_tok=4, n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1,
-    index_n_heads=16, index_head_dim=32, index_topk=8, routed_scaling_factor=2.5, norm_topk_prob=True,
-    max_position_embeddings=2560, rms_norm_eps=1e-6, tie_word_embeddings=False,
-    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=40.0,
-                         original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0,
-                         mscale=1.0, mscale_all_dim=1.0),
-)
+# the oracle tests' tiny model (tests/oracle.py), with a larger vocabulary
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from oracle import TINY  # noqa: E402
+
+TINY_HF = dict(TINY, vocab_size=1024)
 
 # 2 layers (dense + MoE) with the release's attention: 128 heads, q_lora 1536, latent 512 + rope 64,
 # indexer 64 x 128, top-2048; narrow residual stream and small experts keep weights ~0.4 GB.
@@ -174,7 +170,8 @@ def main(argv=None):
                    help="of (b); default float32 on CPU (slow bf16 dots there), bfloat16 elsewhere")
     p.add_argument("--dsa-batch", type=int, default=16, help="batch of (b)")
     p.add_argument("--numerics", default="reference", choices=["reference", "exact"])
-    p.add_argument("--batch", type=int, default=4, help="batch of the transformers comparison")
+    p.add_argument("--batch", default="1,4,16",
+                   help="comma-separated batches of the transformers comparison (default 1,4,16)")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip-hf", action="store_true")
@@ -183,7 +180,8 @@ def main(argv=None):
     out = {"device": f"{jax.default_backend()} x{jax.device_count()} ({platform.machine()})",
            "jax": jax.__version__}
     if not args.skip_hf:
-        out["vs_transformers"] = bench_vs_transformers(args.batch, 32, args.new_tokens, args.reps)
+        out["vs_transformers"] = [bench_vs_transformers(int(b), 32, args.new_tokens, args.reps)
+                                  for b in args.batch.split(",")]
         print(json.dumps(out["vs_transformers"]), file=sys.stderr, flush=True)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     out["dsa_vs_dense"] = bench_dsa_vs_dense([int(c) for c in args.contexts.split(",")], dtype,
