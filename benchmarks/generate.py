@@ -95,12 +95,15 @@ def bench_vs_transformers(batch: int, prompt_len: int, new_tokens: int, reps: in
 
     t_ours = _timed(lambda: ours(new_tokens), reps) - _timed(lambda: ours(1), reps)
     t_hf = _timed(lambda: theirs(new_tokens), reps) - _timed(lambda: theirs(1), reps)
-    same = [r.token_ids for r in ours(new_tokens)] == theirs(new_tokens)[:, prompt_len:].tolist()
+    # identical greedy rows (the default 0.02-std random init gives near-uniform logits, so a
+    # near-tie can flip a row's argmax on either side; the exactness tests use tie-free models)
+    mine, other = [r.token_ids for r in ours(new_tokens)], theirs(new_tokens)[:, prompt_len:].tolist()
+    same = sum(a == b for a, b in zip(mine, other)) / batch
     rate_ours = batch * (new_tokens - 1) / t_ours
     rate_hf = batch * (new_tokens - 1) / t_hf
     return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "ours_decode_tokens_per_s": round(rate_ours, 1), "transformers_decode_tokens_per_s": round(rate_hf, 1),
-            "speedup": round(rate_ours / rate_hf, 2), "same_greedy_tokens": bool(same),
+            "speedup": round(rate_ours / rate_hf, 2), "same_greedy_rows": round(same, 3),
             "torch_threads": torch.get_num_threads()}
 
 
