@@ -39,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
 from pallas_kernels.indexer_topk import indexer_topk  # noqa: E402
+from pallas_kernels.indexer_topk.reference import KEY_CHUNK, indexer_scores  # noqa: E402
 from pallas_kernels.sparse_mla import sparse_mla  # noqa: E402
 from pallas_kernels.sparse_mla import reference as mla_reference  # noqa: E402
 
@@ -171,6 +172,15 @@ def cpu_main(args):
             scaling.append(f"sparse_mla: the per-query-row lax.map body x {T} (cost(full) + "
                            f"{T - 1} x cost(the same call on 1 query))")
             loops_a = 0
+        if loops_i and args.indexer_impl == "reference" and L > 2 * KEY_CHUNK and T >= 16:
+            # the reference scores keys in lax.map chunks of KEY_CHUNK: scale that body
+            m = -(-L // KEY_CHUNK)
+            f_c, b_c, _ = _cost(lambda a, b, c: indexer_scores(a, b, c, q_positions=qpos), qi,
+                                ki[:, :KEY_CHUNK], w)
+            f_i, b_i = f_i + (m - 1) * f_c, b_i + (m - 1) * b_c
+            scaling.append(f"indexer_topk: the key-chunk lax.map body x {m} (cost(full) + {m - 1} x "
+                           f"cost(scores of one {KEY_CHUNK}-key chunk))")
+            loops_i -= 1
         for name, n in (("indexer_topk", loops_i), ("sparse_mla", loops_a)):
             if n:
                 scaling.append(f"{name}: {n} while loop(s) in its HLO, counted once (unscaled)")
