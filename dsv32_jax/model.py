@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from dsv32_jax.attention import ATTENTION_IMPLS, MLA, LayerCache
 from dsv32_jax.config import ModelConfig
 from dsv32_jax.indexer import NUMERICS
 from dsv32_jax.layers import Embed, Linear, RMSNorm, rope_cos_sin
 from dsv32_jax.moe import MLP, MoE
-from dsv32_jax.sharding import constrain_batch
+from dsv32_jax.sharding import constrain_batch, spec_for
+
+# Logical axes of the decode caches (declared once, like the parameters'): the batch is split
+# as the activations are (RULES["batch"]); the cached sequence and the 576-d entries (shared by
+# all heads: MQA form) are never split.
+CACHE_AXES = LayerCache(latent=("batch", "cache_seq", None), index_k=("batch", "cache_seq", None),
+                        index_k_scale=("batch", "cache_seq"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +157,39 @@ class Transformer(nnx.Module):
                           attention_impl=self.options.attention_impl)
         return jnp.dot(m.norm(u), m.head.weight().astype(u.dtype), preferred_element_type=jnp.float32)
 
-    def init_caches(self, batch: int, max_len: int) -> list[LayerCache]:
-        """Zeroed static caches of `max_len` slots for every layer."""
+    def cache_shapes(self, batch: int, max_len: int) -> list[LayerCache]:
+        """Abstract caches (jax.ShapeDtypeStruct leaves) of `max_len` slots for every layer."""
         cfg, o = self.cfg, self.options
         ref = o.numerics == "reference"
-        kdt = jnp.float8_e4m3fn if ref else o.dtype
-        return [LayerCache(jnp.zeros((batch, max_len, cfg.kv_dim), o.dtype),
-                           jnp.zeros((batch, max_len, cfg.index_head_dim), kdt),
-                           jnp.zeros((batch, max_len), jnp.float32) if ref else None)
-                for _ in range(cfg.num_hidden_layers)]
+        sds = jax.ShapeDtypeStruct
+        one = LayerCache(sds((batch, max_len, cfg.kv_dim), o.dtype),
+                         sds((batch, max_len, cfg.index_head_dim), jnp.float8_e4m3fn if ref else o.dtype),
+                         sds((batch, max_len), jnp.float32) if ref else None)
+        return [one] * cfg.num_hidden_layers
+
+    def cache_shardings(self, batch: int, max_len: int) -> list[LayerCache] | None:
+        """NamedShardings of the caches from CACHE_AXES and the rule table (None without a mesh)."""
+        mesh = self.options.mesh
+        if mesh is None:
+            return None
+        def one(s, axes):
+            return None if s is None else NamedSharding(mesh, spec_for(axes, s.shape, mesh))
+
+        return [LayerCache(*(one(getattr(c, f), getattr(CACHE_AXES, f))
+                             for f in ("latent", "index_k", "index_k_scale")))
+                for c in self.cache_shapes(batch, max_len)]
+
+    def cache_creator(self, batch: int, max_len: int):
+        """A jitted function () -> zeroed caches whose out_shardings are `cache_shardings`: under a
+        mesh every device allocates only its own slice (born sharded; nothing passes through one
+        device or one host)."""
+        shapes = self.cache_shapes(batch, max_len)
+
+        def zeros():
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        return jax.jit(zeros, out_shardings=self.cache_shardings(batch, max_len))
+
+    def init_caches(self, batch: int, max_len: int) -> list[LayerCache]:
+        """Zeroed static caches of `max_len` slots for every layer (born sharded under a mesh)."""
+        return self.cache_creator(batch, max_len)()

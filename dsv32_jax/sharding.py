@@ -34,6 +34,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "mlp": "tensor",
     "experts": "expert",
+    "cache_seq": None,        # decode caches keep the whole sequence on each device
 }
 
 

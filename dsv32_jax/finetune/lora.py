@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
 from dsv32_jax.layers import Linear
@@ -110,14 +111,20 @@ class LoRALinear(nnx.Module):
     reads a weight directly, e.g. MLA's absorbed kv_b; no dropout there).
     """
 
-    def __init__(self, base: Linear, ctx: LoRAContext, uid: int, key):
-        cfg = ctx.config
+    def __init__(self, base: Linear, ctx: LoRAContext, uid: int, factors: dict):
         self.base, self.ctx, self.uid = base, ctx, uid
         self.in_features, self.out_features = base.in_features, base.out_features
         self.dtype = base.dtype
         self.fp8_block = None
-        self.lora_a = LoRAWeight(_init_a(key, (base.in_features, cfg.rank), base.in_features), axes=(None, None))
-        self.lora_b = LoRAWeight(jnp.zeros((cfg.rank, base.out_features), jnp.float32), axes=(None, None))
+        self.lora_a = LoRAWeight(factors["lora_a"], axes=(None, None))
+        self.lora_b = LoRAWeight(factors["lora_b"], axes=(None, None))
+
+    @staticmethod
+    def factor_init(base: Linear, rank: int):
+        """{name: (shape, fan_in, key fold)} of the factors; fan_in None = zeros (B starts at 0);
+        key fold None = the adapter's own key, i = its fold_in(key, i)."""
+        return {"lora_a": ((base.in_features, rank), base.in_features, None),
+                "lora_b": ((rank, base.out_features), None, None)}
 
     def delta(self):
         """a @ b * scale, float32 [in, out]."""
@@ -146,15 +153,19 @@ class LoRAExperts(nnx.Module):
     the expert-parallel path, without dropout).
     """
 
-    def __init__(self, base: Experts, ctx: LoRAContext, uid: int, key):
-        cfg = ctx.config
+    def __init__(self, base: Experts, ctx: LoRAContext, uid: int, factors: dict):
         self.base, self.ctx, self.uid = base, ctx, uid
+        for name, value in factors.items():
+            setattr(self, name, LoRAWeight(value, axes=("experts", None, None)))
+
+    @staticmethod
+    def factor_init(base: Experts, rank: int):
+        out = {}
         for i, name in enumerate(EXPERT_PROJ):
             e, din, dout = getattr(base, name).shape
-            setattr(self, name + "_a", LoRAWeight(_init_a(jax.random.fold_in(key, i), (e, din, cfg.rank), din),
-                                                  axes=("experts", None, None)))
-            setattr(self, name + "_b", LoRAWeight(jnp.zeros((e, cfg.rank, dout), jnp.float32),
-                                                  axes=("experts", None, None)))
+            out[name + "_a"] = ((e, din, rank), din, i)
+            out[name + "_b"] = ((e, rank, dout), None, None)
+        return out
 
     def delta(self, name):
         """A @ B * scale per expert, float32 [E, in, out]."""
@@ -226,13 +237,41 @@ def apply_lora(model, config: LoRAConfig):
     if not targets:
         raise ValueError(f"no module matches the LoRA targets {config.targets}")
     ctx = LoRAContext(config)
-    key = jax.random.key(config.seed)
-    for uid, (path, node) in enumerate(targets):
-        k = jax.random.fold_in(key, uid)
-        wrapper = LoRAExperts(node, ctx, uid, k) if isinstance(node, Experts) else LoRALinear(node, ctx, uid, k)
-        _set_child(model, path, wrapper)
+    kinds = [LoRAExperts if isinstance(node, Experts) else LoRALinear for _, node in targets]
+    inits = tuple(tuple(kind.factor_init(node, config.rank).items()) for kind, (_, node) in zip(kinds, targets))
+    factors = _init_factors(config.seed, inits, getattr(getattr(model, "options", None), "mesh", None))
+    for uid, (kind, (path, node)) in enumerate(zip(kinds, targets)):
+        _set_child(model, path, kind(node, ctx, uid, factors[uid]))
     model.lora = ctx
     return model
+
+
+def _init_factors(seed: int, inits: tuple, mesh) -> list[dict]:
+    """Initial adapter factors, created by one jitted function whose outputs are born where they
+    live: replicated on every device of `mesh` (adapters are small), or on the default device.
+
+    inits: per adapter ((name, (shape, fan_in, fold)), ...) from `factor_init`: A factors
+    (fan_in set) are PEFT-uniform from fold_in(key(seed), uid) (further folded with `fold` when
+    set), B factors are zeros.
+    """
+    def make():
+        key = jax.random.key(seed)
+        out = []
+        for uid, named in enumerate(inits):
+            k, d = jax.random.fold_in(key, uid), {}
+            for name, (shape, fan_in, fold) in named:
+                if fan_in is None:
+                    d[name] = jnp.zeros(shape, jnp.float32)
+                else:
+                    d[name] = _init_a(k if fold is None else jax.random.fold_in(k, fold), shape, fan_in)
+            out.append(d)
+        return out
+
+    shardings = None
+    if mesh is not None:
+        rep = NamedSharding(mesh, PartitionSpec())
+        shardings = jax.tree.map(lambda _: rep, jax.eval_shape(make))
+    return jax.jit(make, out_shardings=shardings)()
 
 
 def adapters(model) -> list[tuple[tuple, nnx.Module]]:

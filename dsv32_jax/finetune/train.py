@@ -198,11 +198,14 @@ class Trainer:
     def __init__(self, model, hp: TrainHParams):
         self.model, self.hp = model, hp
         self.mesh = model.options.mesh
-        self.graphdef, lora, self.rest = nnx.split(model, LoRAWeight, ...)
-        if self.mesh is not None:     # adapters are small: replicate them on every device
-            lora = jax.tree.map(lambda a: put(a, NamedSharding(self.mesh, PartitionSpec())), lora)
-        self.lora = lora
-        self.opt_state = make_optimizer(hp).init(lora)
+        # adapters are born replicated on every device of the mesh (finetune.lora.apply_lora)
+        self.graphdef, self.lora, self.rest = nnx.split(model, LoRAWeight, ...)
+        init = make_optimizer(hp).init
+        shardings = None
+        if self.mesh is not None:     # the optimizer state is born replicated, like the adapters
+            rep = NamedSharding(self.mesh, PartitionSpec())
+            shardings = jax.tree.map(lambda _: rep, jax.eval_shape(init, self.lora))
+        self.opt_state = jax.jit(init, out_shardings=shardings)(self.lora)
         self.step = 0
 
     def device_batch(self, batch) -> dict:
@@ -255,8 +258,11 @@ class Trainer:
             if tuple(v.shape) != tuple(ref.shape):
                 raise ValueError(f"checkpoint array {i} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}")
             sharding = getattr(ref, "sharding", None)
-            leaves.append(put(np.asarray(v).astype(ref.dtype), sharding) if sharding is not None
-                          else jnp.asarray(v, ref.dtype))
+            if isinstance(v, jax.Array) and v.dtype == ref.dtype and v.sharding == sharding:
+                leaves.append(v)                 # restored straight into its shards
+            else:
+                leaves.append(put(np.asarray(v).astype(ref.dtype), sharding) if sharding is not None
+                              else jnp.asarray(v, ref.dtype))
         self.lora, self.opt_state = jax.tree.unflatten(treedef, leaves)
         self.step = int(step)
 

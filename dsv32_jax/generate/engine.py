@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsv32_jax.generate.sampling import SamplingParams, sample
 from dsv32_jax.sharding import batch_spec, put
@@ -89,6 +89,14 @@ class Engine:
         self.len_bucket = len_bucket
         self.block = block
         gd = self.graphdef
+        mesh = module.options.mesh
+
+        def host_view(x):
+            """What the host reads (tokens, done flags) is replicated on every device, so every
+            process of a multi-host run can read it and runs the same loop."""
+            if mesh is None:
+                return x
+            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
 
         def prefill_chunk_fn(state, caches, ids, start, last_pos, last_h):
             """ids [B, C] at positions start..start+C-1; last_pos [B] = n_b - 1; last_h [B, D]."""
@@ -115,7 +123,7 @@ class Engine:
             key, sub = jax.random.split(key)
             tok = sample(logits, sub, temperature, top_p, top_k, greedy=greedy)
             done = jnp.isin(tok, eos) | (max_new <= 1)
-            return tok, done, key
+            return host_view(tok), host_view(done), key
 
         def block_fn(state, ds, temperature, top_p, top_k, eos, max_new, *, steps, greedy):
             m = nnx.merge(gd, state)
@@ -141,7 +149,7 @@ class Engine:
                 return i + 1, DecodeState(caches, nxt, positions, done, count, key), out
 
             i, ds, out = jax.lax.while_loop(cond, body, (jnp.int32(0), ds, out0))
-            return ds, out, i
+            return ds, host_view(out), host_view(i), host_view(jnp.all(ds.done))
 
         self._prefill = jax.jit(prefill_chunk_fn, donate_argnums=(1,))
         self._logits = jax.jit(logits_fn)
@@ -178,19 +186,21 @@ class Engine:
         ids = np.full((len(prompts), n_pad), PAD_ID, np.int32)
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = p
-        caches = jax.tree.map(self._place, self.module.init_caches(len(prompts), max_len))
-        last_pos = self._place(jnp.asarray(np.array(lens, np.int32) - 1))
-        h = self._place(jnp.zeros((len(prompts), self.cfg.hidden_size), self.module.options.dtype))
+        caches = self.module.init_caches(len(prompts), max_len)          # born sharded
+        last_pos = self._place(np.array(lens, np.int32) - 1)
+        h = self._place(np.zeros((len(prompts), self.cfg.hidden_size), self.module.options.dtype))
         for start in range(0, n_pad, c):
-            caches, h = self._prefill(self.state, caches, self._place(jnp.asarray(ids[:, start:start + c])),
+            caches, h = self._prefill(self.state, caches, self._place(ids[:, start:start + c]),
                                       jnp.int32(start), last_pos, h)
         return caches, h
 
     def _place(self, x):
-        """With a mesh, split x [B, ...] over the batch axes (as the model's activations)."""
+        """A small host array x [B, ...] (every process holds the same value) onto the devices;
+        with a mesh split over the batch axes, each process placing only its own shards."""
         mesh = self.module.options.mesh
         if mesh is None:
-            return x
+            return jnp.asarray(x)
+        x = np.asarray(x)
         return put(x, NamedSharding(mesh, batch_spec(mesh, x.ndim, x.shape[0])))
 
     def logits(self, h):
@@ -229,12 +239,12 @@ class Engine:
         tok, done, key = self._first(self.state, h, jax.random.key(sampling.seed), temp, top_p, top_k,
                                      eos, max_new, greedy=greedy)
         yield np.asarray(tok)[:, None]
-        ds = DecodeState(caches, tok, self._place(jnp.asarray(lens)), done, self._place(jnp.ones((b,), jnp.int32)),
-                         key)
-        while not bool(np.all(np.asarray(ds.done))):
-            ds, out, n = self._block(self.state, ds, temp, top_p, top_k, eos, max_new,
-                                     steps=self.block, greedy=greedy)
-            n = int(n)
+        all_done = bool(np.all(np.asarray(done)))
+        ds = DecodeState(caches, tok, self._place(lens), done, self._place(np.ones((b,), np.int32)), key)
+        while not all_done:
+            ds, out, n, all_done = self._block(self.state, ds, temp, top_p, top_k, eos, max_new,
+                                               steps=self.block, greedy=greedy)
+            n, all_done = int(n), bool(all_done)
             if n:
                 yield np.asarray(out)[:, :n]
 

@@ -1,8 +1,10 @@
-"""One process of the two-process test (run by test_multihost.py, not collected by pytest).
+"""One process of the two-process tests (run by test_multihost.py, not collected by pytest).
 
-argv: checkpoint dir, output .npy path. The environment names the coordinator and this
-process's id; each process has 4 host CPU devices, the mesh spans both processes' 8.
+argv: mode ("logits" | "generate"), checkpoint dir, output path. The environment names the
+coordinator and this process's id; each process has 4 host CPU devices, the mesh spans both
+processes' 8. Only process 0 writes the output.
 """
+import json
 import sys
 
 from dsv32_jax.sharding import maybe_initialize_distributed
@@ -18,11 +20,23 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 import dsv32_jax  # noqa: E402
+from dsv32_jax.generate.engine import Engine  # noqa: E402
+from dsv32_jax.generate.sampling import SamplingParams  # noqa: E402
 
-path, out = sys.argv[1], sys.argv[2]
+from multihost_cases import MESH, generation_prompts, logits_ids, GEN_TOKENS  # noqa: E402
+
+mode, path, out = sys.argv[1:4]
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
-ids = np.random.RandomState(0).randint(0, 256, (8, 24)).astype(np.int32)
-model = dsv32_jax.load(path, dtype=jnp.float32, numerics="exact", mesh="data=2,expert=4")
-logits = multihost_utils.process_allgather(model(ids), tiled=True)
-if jax.process_index() == 0:
-    np.save(out, np.asarray(logits))
+model = dsv32_jax.load(path, dtype=jnp.float32, numerics="exact", mesh=MESH)
+if mode == "logits":
+    result = np.asarray(multihost_utils.process_allgather(model(logits_ids()), tiled=True))
+    if jax.process_index() == 0:
+        np.save(out, result)
+elif mode == "generate":
+    done = Engine(model, prefill_chunk=16, block=4).generate(
+        generation_prompts(), max_new_tokens=GEN_TOKENS, sampling=SamplingParams(temperature=0.0))
+    if jax.process_index() == 0:
+        with open(out, "w") as f:
+            json.dump([c.token_ids for c in done], f)
+else:
+    raise SystemExit(f"unknown mode {mode!r}")

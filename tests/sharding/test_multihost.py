@@ -1,16 +1,24 @@
 """Multi-host: two processes (4 host CPU devices each) join through jax.distributed, build one
 8-device mesh (data=2, expert=4; expert-parallel all_to_all across the processes, CPU
-collectives over gloo) and produce the single-process logits."""
+collectives over gloo) and give what one process gives: logits, and greedy generation of a
+ragged batch split across the processes."""
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 import dsv32_jax
+from dsv32_jax.generate.engine import Engine
+from dsv32_jax.generate.sampling import SamplingParams
+from multihost_cases import GEN_TOKENS, generation_prompts, logits_ids
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
 
 
 def _free_port():
@@ -19,23 +27,50 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tiny_hf, tmp_path):
-    _, path = tiny_hf
-    ids = np.random.RandomState(0).randint(0, 256, (8, 24)).astype(np.int32)
-    ref = np.asarray(dsv32_jax.load(path, dtype=jnp.float32, numerics="exact")(ids))
-    worker = Path(__file__).with_name("multihost_worker.py")
+def run_two_processes(argv_of, timeout=420):
+    """Start argv_of(pid) in two processes of one distributed runtime; returns their outputs."""
     port = _free_port()
-    root = Path(__file__).parents[2]
     procs = []
     for pid in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-                   PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        procs.append(subprocess.Popen([sys.executable, str(worker), str(path), str(tmp_path / "out.npy")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0, out.decode()[-3000:]
+                   PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
+        procs.append(subprocess.Popen(argv_of(pid), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      cwd=str(ROOT)))
+    outs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            outs.append(out.decode(errors="replace"))
+            assert p.returncode == 0, outs[-1][-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return outs
+
+
+def _worker(mode, path, out):
+    return lambda pid: [sys.executable, str(HERE / "multihost_worker.py"), mode, str(path), str(out)]
+
+
+def test_two_processes_logits_equal_one(tiny_hf, tmp_path):
+    _, path = tiny_hf
+    ref = np.asarray(dsv32_jax.load(path, dtype=jnp.float32, numerics="exact")(logits_ids()))
+    run_two_processes(_worker("logits", path, tmp_path / "out.npy"))
     got = np.load(tmp_path / "out.npy")
     # float32; only the order of sharded sums differs (same tolerance as the single-host meshes)
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_two_processes_generation_equals_one(tiny_hf, tmp_path):
+    """8 ragged prompts split over data=2 x expert=4 across two processes: token for token the
+    single-process greedy generation (reads of tokens / done flags are replicated, so both
+    processes run the same decode loop)."""
+    _, path = tiny_hf
+    one = Engine(dsv32_jax.load(path, dtype=jnp.float32, numerics="exact"), prefill_chunk=16, block=4)
+    ref = [c.token_ids for c in one.generate(generation_prompts(), max_new_tokens=GEN_TOKENS,
+                                             sampling=SamplingParams(temperature=0.0))]
+    run_two_processes(_worker("generate", path, tmp_path / "gen.json"))
+    got = json.loads((tmp_path / "gen.json").read_text())
+    assert got == ref
