@@ -1,0 +1,364 @@
+"""The serving engine: continuous batching over decode slots, chunked prefill between decode
+blocks, a prefix cache, per-request sampling, and host work overlapped with the device.
+
+One iteration (`step()`):
+  1. admit: waiting requests take free slots; the longest cached prefix (whole 64-token
+     blocks, at most all but the prompt's last token) is copied from the prefix pool into
+     the slot, and only the rest will be prefilled;
+  2. prefill: at most `prefill_budget` prompt tokens, in fixed `chunk`-token pieces, for the
+     admitted requests in arrival order; a request whose prompt is complete samples its first
+     token and goes live (its prompt blocks enter the prefix cache);
+  3. decode: one block of `steps` decode steps for every live slot is dispatched, and only
+     then the previous block's tokens are read and handed out (stop strings, cancellation
+     and streaming are handled one block late, while the device works on the next).
+Running streams therefore keep producing a block of tokens per iteration while a long prompt
+is read `prefill_budget` tokens at a time.
+
+Shapes are fixed (max_slots, max_len, chunk, steps), so the device functions compile once,
+at `warmup()`; `compile_count()` tells how many compilations happened.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import os
+import threading
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv32_jax.generate.engine import _TextStream
+from dsv32_jax.serve.prefix_cache import PrefixCache, block_keys
+from dsv32_jax.serve.slots import BLOCK, SlotModel
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than the engine accepts (retry later)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request and, as it runs, its result.
+
+    prompt: token ids (>= 1). max_tokens: new tokens at most. temperature 0 = greedy; top_p
+    in (0, 1]; top_k 0 = off; seed: the request's own PRNG stream (None: a random seed).
+    stop: strings that end the request (need the engine's tokenizer); stop_token_ids end it
+    too (as EOS does). logprobs: also report the chosen token's log-probability (and the
+    engine's top_logprobs most likely ones). on_token(request, token_id, text_piece): called
+    from the engine's thread for each new token.
+    """
+    prompt: Sequence[int]
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    logprobs: bool = False
+    on_token: Callable | None = None
+    id: str = ""
+    # results
+    tokens: list = dataclasses.field(default_factory=list)
+    token_logprobs: list = dataclasses.field(default_factory=list)
+    top_logprobs: list = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None          # "stop" | "length" | "cancelled"
+    cached_tokens: int = 0
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def validate(self, max_len: int):
+        if len(self.prompt) < 1:
+            raise ValueError("prompt: needs at least one token")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if len(self.prompt) + self.max_tokens > max_len:
+            raise ValueError(f"prompt ({len(self.prompt)} tokens) + max_tokens ({self.max_tokens}) exceeds the "
+                             f"context of {max_len} tokens")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+
+@dataclasses.dataclass(eq=False)
+class _Active:
+    req: Request
+    slot: int
+    order: int                        # arrival order (prefill goes first come, first served)
+    cursor: int                       # prompt tokens already in the cache
+    h: object = None                  # final hidden state of the prompt, once reached
+    live: bool = False
+    stream: _TextStream | None = None
+    stopping: bool = False            # finished on the host (outputs of in-flight blocks are dropped)
+
+
+class ServingEngine:
+    """Continuous batching over a `dsv32_jax.Model` / Transformer.
+
+    max_slots: rows decoded together; max_len: context per slot (multiple of 64); chunk:
+    prefill piece (tokens); steps: decode steps per dispatched block; prefill_budget: prompt
+    tokens per iteration (a multiple of chunk); prefix_blocks: 64-token entries of the prefix
+    pool (0 = no prefix cache); max_queue: waiting requests beyond which submit() refuses;
+    top_logprobs: how many most-likely tokens a logprobs request reports; eos_ids: ids that
+    end every request; tokenizer: for stop strings and streamed text.
+    """
+
+    def __init__(self, model, *, max_slots: int = 16, max_len: int = 4096, chunk: int = 256, steps: int = 8,
+                 prefill_budget: int | None = None, prefix_blocks: int = 0, max_queue: int = 256,
+                 top_logprobs: int = 0, eos_ids: Sequence[int] = (), tokenizer=None, candidates: int = 256):
+        module = getattr(model, "module", model)
+        self.sm = SlotModel(module, max_slots=max_slots, max_len=max_len, chunk=chunk, steps=steps,
+                            top_logprobs=top_logprobs, candidates=candidates)
+        self.max_slots, self.max_len, self.chunk = max_slots, max_len, chunk
+        self.prefill_budget = prefill_budget or chunk
+        if self.prefill_budget % chunk:
+            raise ValueError(f"prefill_budget must be a multiple of chunk ({chunk})")
+        self.max_queue = max_queue
+        self.tokenizer = tokenizer
+        self.eos = jnp.asarray(list(eos_ids) or [-2], jnp.int32)
+        self.eos_set = set(int(e) for e in eos_ids)
+        self.slots = self.sm.new_slots()
+        self.prefix = PrefixCache(prefix_blocks) if prefix_blocks else None
+        self.pool = self.sm.new_pool(prefix_blocks) if prefix_blocks else None
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: dict[int, _Active] = {}                   # slot -> request state
+        self._free = list(range(max_slots - 1, -1, -1))
+        self._pending = None                                    # (outputs, {slot: _Active}) of the last block
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._cancels: list[Request] = []
+        self.stats = collections.Counter()
+
+    # ---------------------------------------------------------------- API
+    def submit(self, req: Request) -> Request:
+        """Queue a request (validated now; QueueFull when max_queue requests already wait)."""
+        req.validate(self.max_len)
+        if req.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need the engine's tokenizer")
+        with self._lock:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue {self.max_queue})")
+            if not req.id:
+                req.id = f"req-{next(self._ids)}"
+            if req.seed is None:
+                req.seed = int.from_bytes(os.urandom(4), "little")
+            self._waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (waiting or running; safe from any thread): it ends with
+        finish_reason "cancelled" and its slot is freed at the start of the next iteration."""
+        with self._lock:
+            self._cancels.append(req)
+
+    def _apply_cancels(self) -> None:
+        with self._lock:
+            cancels, self._cancels = self._cancels, []
+            for req in cancels:
+                if req in self._waiting:
+                    self._waiting.remove(req)
+                    self._finish_host(req, "cancelled")
+        for req in cancels:
+            for a in list(self._active.values()):
+                if a.req is req and not a.stopping:
+                    self._stop(a, "cancelled")
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self._active and self._pending is None and not self._cancels
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def slots_in_use(self) -> int:
+        return len(self._active)
+
+    def run_until_idle(self, max_iterations: int = 1_000_000) -> None:
+        for _ in range(max_iterations):
+            if self.idle:
+                return
+            self.step()
+        raise RuntimeError("run_until_idle: iteration limit reached")
+
+    def generate(self, reqs: Sequence[Request]) -> list[Request]:
+        for r in reqs:
+            self.submit(r)
+        self.run_until_idle()
+        return list(reqs)
+
+    def warmup(self) -> int:
+        """Compile every device function once (a 1-token request per prefill path, a decode
+        block, a prefix save/load); returns the compile count afterwards."""
+        sm = self.sm
+        self.slots = sm._release(self.slots, jnp.int32(0))
+        ids = jnp.zeros((self.chunk,), jnp.int32)
+        h = jnp.zeros((sm.cfg.hidden_size,), sm.module.options.dtype)
+        self.slots, h = sm._prefill(sm.state, self.slots, jnp.int32(0), ids, jnp.int32(0), jnp.int32(0), h)
+        res = sm._insert(sm.state, self.slots, jnp.int32(0), h, jnp.int32(1), jnp.int32(1), jnp.float32(0),
+                         jnp.float32(1), jnp.int32(0), jnp.zeros((2,), jnp.uint32), self.eos)
+        self.slots = sm._release(res[0], jnp.int32(0))
+        res = sm._decode(sm.state, self.slots, self.eos)
+        self.slots = res[0]
+        if self.pool is not None:
+            self.pool = sm._save_block(self.slots, self.pool, jnp.int32(0), jnp.int32(0), jnp.int32(0))
+            self.slots = sm._load_block(self.slots, self.pool, jnp.int32(0), jnp.int32(0), jnp.int32(0))
+        jax.block_until_ready(self.slots)
+        return self.compile_count()
+
+    def compile_count(self) -> int:
+        return self.sm.compile_count()
+
+    # ---------------------------------------------------------------- one iteration
+    def step(self) -> None:
+        self._apply_cancels()
+        self._admit()
+        self._prefill()
+        new = None
+        live = {s: a for s, a in self._active.items() if a.live and not a.stopping}
+        if live:
+            res = self.sm._decode(self.sm.state, self.slots, self.eos)
+            self.slots = res[0]
+            new = (res[1:], live)
+        pending, self._pending = self._pending, new
+        if pending is not None:                  # read the previous block while this one runs
+            self._consume(*pending)
+        if self._pending is not None and not any(a.live and not a.stopping for a in self._active.values()):
+            pending, self._pending = self._pending, None
+            self._consume(*pending)
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._waiting and self._free:
+                req = self._waiting.popleft()
+                slot = self._free.pop()
+                cursor = 0
+                if self.prefix is not None:
+                    usable = (len(req.prompt) - 1) // BLOCK
+                    entries = self.prefix.lookup(block_keys(req.prompt, usable))
+                    for b, e in enumerate(entries):
+                        self.slots = self.sm._load_block(self.slots, self.pool, jnp.int32(slot), jnp.int32(b),
+                                                         jnp.int32(e))
+                    cursor = len(entries) * BLOCK
+                req.cached_tokens = cursor
+                self.stats["prompt_tokens"] += len(req.prompt)
+                self.stats["cached_tokens"] += cursor
+                self._active[slot] = _Active(req, slot, next(self._arrivals), cursor, stream=(
+                    _TextStream(self.tokenizer, req.stop) if self.tokenizer is not None else None))
+
+    def _prefill(self) -> None:
+        budget = self.prefill_budget
+        sm, c = self.sm, self.chunk
+        for a in sorted((a for a in self._active.values() if not a.live and not a.stopping),
+                        key=lambda a: a.order):
+            n = len(a.req.prompt)
+            if a.h is None:
+                a.h = jnp.zeros((sm.cfg.hidden_size,), sm.module.options.dtype)
+            while a.cursor < n and budget > 0:
+                piece = np.zeros((c,), np.int32)
+                part = a.req.prompt[a.cursor:a.cursor + c]
+                piece[:len(part)] = part
+                self.slots, a.h = sm._prefill(sm.state, self.slots, jnp.int32(a.slot), jnp.asarray(piece),
+                                              jnp.int32(a.cursor), jnp.int32(n - 1), a.h)
+                a.cursor += len(part)
+                budget -= c
+                self.stats["prefill_tokens"] += len(part)
+            if a.cursor >= n:
+                self._go_live(a)
+            if budget <= 0:
+                break
+
+    def _go_live(self, a: _Active) -> None:
+        r, sm = a.req, self.sm
+        # the engine's EOS ids stop a row on the device; a request's own stop ids on the host
+        res = sm._insert(sm.state, self.slots, jnp.int32(a.slot), a.h, jnp.int32(len(r.prompt)),
+                         jnp.int32(r.max_tokens), jnp.float32(r.temperature), jnp.float32(r.top_p),
+                         jnp.int32(r.top_k), jnp.asarray(jax.random.key_data(jax.random.key(r.seed)), jnp.uint32),
+                         self.eos)
+        self.slots = res[0]
+        a.h, a.live = None, True
+        self._save_prefix(a.slot, list(r.prompt))
+        tops = (np.asarray(res[4])[None], np.asarray(res[5])[None]) if sm.top_logprobs else None
+        self._deliver(a, np.asarray(res[1])[None], np.asarray(res[2])[None], tops)
+
+    def _save_prefix(self, slot: int, tokens: list) -> None:
+        if self.prefix is None:
+            return
+        keys = block_keys(tokens)
+        protect = set(keys)
+        for b, k in enumerate(keys):
+            if self.prefix.contains(k):
+                self.prefix.allocate(k)            # refresh its place in the LRU order
+                continue
+            e = self.prefix.allocate(k, protect)
+            if e is None:
+                return
+            self.pool = self.sm._save_block(self.slots, self.pool, jnp.int32(slot), jnp.int32(b), jnp.int32(e))
+
+    # ---------------------------------------------------------------- host side of a block
+    def _consume(self, outputs, snapshot) -> None:
+        toks = np.asarray(outputs[0])
+        lps = np.asarray(outputs[1])
+        n = int(outputs[2])
+        tops = (np.asarray(outputs[3]), np.asarray(outputs[4])) if len(outputs) > 3 else None
+        for slot, a in snapshot.items():
+            if a.stopping or self._active.get(slot) is not a:
+                continue
+            row = toks[slot, :n]
+            k = int(np.sum(row >= 0))
+            if k:
+                self._deliver(a, row[:k], lps[slot, :k], None if tops is None else (tops[0][slot, :k],
+                                                                                   tops[1][slot, :k]))
+
+    def _deliver(self, a: _Active, tokens, logprobs, tops) -> None:
+        r = a.req
+        stop_ids = set(r.stop_token_ids) | self.eos_set
+        for i, t in enumerate(tokens):
+            if a.stopping:
+                return
+            t = int(t)
+            r.tokens.append(t)
+            if r.logprobs:
+                r.token_logprobs.append(float(logprobs[i]))
+                if tops is not None:
+                    r.top_logprobs.append(list(zip(map(int, tops[0][i]), map(float, tops[1][i]))))
+            self.stats["generated_tokens"] += 1
+            finished = t in stop_ids or len(r.tokens) >= r.max_tokens
+            piece, stopped = ("", False)
+            if a.stream is not None:
+                piece, stopped = a.stream.add(t, final=finished)
+                r.text = a.stream.text
+            if r.on_token is not None:
+                r.on_token(r, t, piece)
+            if stopped or t in stop_ids:
+                self._stop(a, "stop")
+            elif finished:
+                self._stop(a, "length")
+
+    def _stop(self, a: _Active, reason: str) -> None:
+        """Finish a request on the host and free its slot now: the device runs the release
+        after any block already dispatched, whose outputs for this slot are dropped, and
+        before the next occupant's prefill."""
+        a.stopping = True
+        r = a.req
+        if reason != "cancelled" and a.live and self.prefix is not None:
+            self._save_prefix(a.slot, list(r.prompt) + r.tokens[:-1])
+        self.slots = self.sm._release(self.slots, jnp.int32(a.slot))
+        if self._active.get(a.slot) is a:
+            del self._active[a.slot]
+            self._free.append(a.slot)
+        self._finish_host(r, reason)
+
+    def _finish_host(self, r: Request, reason: str) -> None:
+        r.finish_reason = reason
+        r.done.set()
