@@ -96,7 +96,6 @@ class _Active:
     slot: int
     order: int                        # arrival order (prefill goes first come, first served)
     cursor: int                       # prompt tokens already in the cache
-    h: object = None                  # final hidden state of the prompt, once reached
     live: bool = False
     stream: _TextStream | None = None
     stopping: bool = False            # finished on the host (outputs of in-flight blocks are dropped)
@@ -132,7 +131,9 @@ class ServingEngine:
         self.pool = self.sm.new_pool(prefix_blocks) if prefix_blocks else None
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: dict[int, _Active] = {}                   # slot -> request state
-        self._free = list(range(max_slots - 1, -1, -1))
+        lanes, per = self.sm.lanes, self.sm.slots_per_lane
+        self._free = [list(range((p + 1) * per - 1, p * per - 1, -1)) for p in range(lanes)]   # per lane
+        self._h = self.sm.new_h()
         self._pending = None                                    # (outputs, {slot: _Active}) of the last block
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -198,21 +199,22 @@ class ServingEngine:
         return list(reqs)
 
     def warmup(self) -> int:
-        """Compile every device function once (a 1-token request per prefill path, a decode
-        block, a prefix save/load); returns the compile count afterwards."""
-        sm = self.sm
-        self.slots = sm._release(self.slots, jnp.int32(0))
-        ids = jnp.zeros((self.chunk,), jnp.int32)
-        h = jnp.zeros((sm.cfg.hidden_size,), sm.module.options.dtype)
-        self.slots, h = sm._prefill(sm.state, self.slots, jnp.int32(0), ids, jnp.int32(0), jnp.int32(0), h)
-        res = sm._insert(sm.state, self.slots, jnp.int32(0), h, jnp.int32(1), jnp.int32(1), jnp.float32(0),
-                         jnp.float32(1), jnp.int32(0), jnp.zeros((2,), jnp.uint32), self.eos)
-        self.slots = sm._release(res[0], jnp.int32(0))
-        res = sm._decode(sm.state, self.slots, self.eos)
-        self.slots = res[0]
-        if self.pool is not None:
-            self.pool = sm._save_block(self.slots, self.pool, jnp.int32(0), jnp.int32(0), jnp.int32(0))
-            self.slots = sm._load_block(self.slots, self.pool, jnp.int32(0), jnp.int32(0), jnp.int32(0))
+        """Compile every device function once (an idle prefill call, an insert, a decode block,
+        a prefix save and load) without changing any slot; returns the compile count."""
+        sm, p = self.sm, self.sm.lanes
+        lane = np.full((p,), -1, np.int32)
+        zeros = np.zeros((p,), np.int32)
+        self.slots, self._h = sm._prefill(sm.state, self.slots, self._lane_array(lane),
+                                          self._lane_array(np.zeros((p, self.chunk), np.int32)),
+                                          self._lane_array(zeros), self._lane_array(zeros), self._h)
+        free = next(s for lane_free in self._free for s in lane_free)
+        res = sm._insert(sm.state, self.slots, jnp.int32(free), self._h, jnp.int32(0), jnp.int32(1), jnp.int32(1),
+                         jnp.float32(0), jnp.float32(1), jnp.int32(0), jnp.zeros((2,), jnp.uint32), self.eos)
+        self.slots = sm._release(res[0], jnp.int32(free))
+        self.slots = sm._decode(sm.state, self.slots, self.eos)[0]
+        if self.pool is not None:        # load then save: entry 0 gets back what it held
+            self.slots = sm._load_block(self.slots, self.pool, jnp.int32(free), jnp.int32(0), jnp.int32(0))
+            self.pool = sm._save_block(self.slots, self.pool, jnp.int32(free), jnp.int32(0), jnp.int32(0))
         jax.block_until_ready(self.slots)
         return self.compile_count()
 
@@ -239,9 +241,10 @@ class ServingEngine:
 
     def _admit(self) -> None:
         with self._lock:
-            while self._waiting and self._free:
+            while self._waiting and any(self._free):
                 req = self._waiting.popleft()
-                slot = self._free.pop()
+                lane = max(range(len(self._free)), key=lambda p: len(self._free[p]))
+                slot = self._free[lane].pop()
                 cursor = 0
                 if self.prefix is not None:
                     usable = (len(req.prompt) - 1) // BLOCK
@@ -257,36 +260,52 @@ class ServingEngine:
                     _TextStream(self.tokenizer, req.stop) if self.tokenizer is not None else None))
 
     def _prefill(self) -> None:
-        budget = self.prefill_budget
+        """Prompt chunks, `prefill_budget` tokens' worth of chunk calls; each call advances the
+        earliest waiting request of every lane by one chunk."""
         sm, c = self.sm, self.chunk
-        for a in sorted((a for a in self._active.values() if not a.live and not a.stopping),
-                        key=lambda a: a.order):
-            n = len(a.req.prompt)
-            if a.h is None:
-                a.h = jnp.zeros((sm.cfg.hidden_size,), sm.module.options.dtype)
-            while a.cursor < n and budget > 0:
-                piece = np.zeros((c,), np.int32)
+        for _ in range(self.prefill_budget // c):
+            todo = sorted((a for a in self._active.values() if not a.live and not a.stopping),
+                          key=lambda a: a.order)
+            lanes: dict[int, _Active] = {}
+            for a in todo:
+                lanes.setdefault(sm.lane_of(a.slot), a)
+            if not lanes:
+                return
+            slot_ids = np.full((sm.lanes,), -1, np.int32)
+            ids = np.zeros((sm.lanes, c), np.int32)
+            starts = np.zeros((sm.lanes,), np.int32)
+            lasts = np.zeros((sm.lanes,), np.int32)
+            for lane, a in lanes.items():
                 part = a.req.prompt[a.cursor:a.cursor + c]
-                piece[:len(part)] = part
-                self.slots, a.h = sm._prefill(sm.state, self.slots, jnp.int32(a.slot), jnp.asarray(piece),
-                                              jnp.int32(a.cursor), jnp.int32(n - 1), a.h)
-                a.cursor += len(part)
-                budget -= c
-                self.stats["prefill_tokens"] += len(part)
-            if a.cursor >= n:
-                self._go_live(a)
-            if budget <= 0:
-                break
+                slot_ids[lane], starts[lane], lasts[lane] = a.slot, a.cursor, len(a.req.prompt) - 1
+                ids[lane, :len(part)] = part
+            self.slots, self._h = sm._prefill(sm.state, self.slots, *map(self._lane_array, (slot_ids, ids, starts,
+                                                                                            lasts)), self._h)
+            for lane, a in lanes.items():
+                done = min(c, len(a.req.prompt) - a.cursor)
+                a.cursor += done
+                self.stats["prefill_tokens"] += done
+                if a.cursor >= len(a.req.prompt):
+                    self._go_live(a, lane)
 
-    def _go_live(self, a: _Active) -> None:
+    def _lane_array(self, x):
+        """A host array [P, ...] onto the devices, lane p on batch shard p (every process holds the
+        same value and places only its own shards)."""
+        if self.sm.batch_axes is None:
+            return jnp.asarray(x)
+        from dsv32_jax.sharding import put
+        from jax.sharding import NamedSharding, PartitionSpec
+        return put(x, NamedSharding(self.sm.mesh, PartitionSpec(self.sm.batch_axes, *([None] * (x.ndim - 1)))))
+
+    def _go_live(self, a: _Active, lane: int) -> None:
         r, sm = a.req, self.sm
         # the engine's EOS ids stop a row on the device; a request's own stop ids on the host
-        res = sm._insert(sm.state, self.slots, jnp.int32(a.slot), a.h, jnp.int32(len(r.prompt)),
+        res = sm._insert(sm.state, self.slots, jnp.int32(a.slot), self._h, jnp.int32(lane), jnp.int32(len(r.prompt)),
                          jnp.int32(r.max_tokens), jnp.float32(r.temperature), jnp.float32(r.top_p),
                          jnp.int32(r.top_k), jnp.asarray(jax.random.key_data(jax.random.key(r.seed)), jnp.uint32),
                          self.eos)
         self.slots = res[0]
-        a.h, a.live = None, True
+        a.live = True
         self._save_prefix(a.slot, list(r.prompt))
         tops = (np.asarray(res[4])[None], np.asarray(res[5])[None]) if sm.top_logprobs else None
         self._deliver(a, np.asarray(res[1])[None], np.asarray(res[2])[None], tops)
@@ -356,7 +375,7 @@ class ServingEngine:
         self.slots = self.sm._release(self.slots, jnp.int32(a.slot))
         if self._active.get(a.slot) is a:
             del self._active[a.slot]
-            self._free.append(a.slot)
+            self._free[self.sm.lane_of(a.slot)].append(a.slot)
         self._finish_host(r, reason)
 
     def _finish_host(self, r: Request, reason: str) -> None:

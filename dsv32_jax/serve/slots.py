@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as PS
 
 from dsv32_jax.serve.sampling import sample_rows, token_logprobs
 
@@ -62,12 +65,39 @@ def _row_keys(seeds, count):
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.wrap_key_data(s), c))(seeds, count)
 
 
+def _psum_bits(x, axes):
+    """Sum over the batch shards where exactly one shard holds non-zero values (float8 has no
+    all-reduce: move its bits as uint8, which the zero contributions leave unchanged)."""
+    if x.dtype.itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating):
+        bits = jax.lax.psum(jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.int32), axes)
+        return jax.lax.bitcast_convert_type(bits.astype(jnp.uint8), x.dtype)
+    return jax.lax.psum(x, axes)
+
+
+def _scatter(x, index, value):
+    """x.at[index].set(value), dropping out-of-range rows; float8 arrays are scattered as their
+    uint8 bits (XLA has no float8 scatter on some backends)."""
+    if x.dtype.itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating):
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint8)
+        bits = bits.at[index].set(jax.lax.bitcast_convert_type(value.astype(x.dtype), jnp.uint8), mode="drop")
+        return jax.lax.bitcast_convert_type(bits, x.dtype)
+    return x.at[index].set(value.astype(x.dtype), mode="drop")
+
+
 def _set_row(x, slot, value):
     return jax.lax.dynamic_update_index_in_dim(x, jnp.asarray(value, x.dtype), slot, 0)
 
 
 class SlotModel:
-    """The jitted device functions over one model (a Transformer module) for fixed shapes."""
+    """The jitted device functions over one model (a Transformer module) for fixed shapes.
+
+    Under a mesh the slots are split over the batch axes like every activation, so each
+    device holds the caches of max_slots / P slots (P = the batch shards). Prefill runs P
+    lanes at once, lane p serving a request whose slot lives on shard p: its cache row is
+    taken and put back by a shard_map'ed local slice, so no cache row ever crosses devices
+    (idle lanes, slot -1, compute at position max_len and write nothing). A prefix block is
+    copied between the owning shard's slot and the pool (replicated on every device).
+    """
 
     def __init__(self, module, *, max_slots: int, max_len: int, chunk: int, steps: int,
                  top_logprobs: int = 0, candidates: int = 256):
@@ -78,27 +108,63 @@ class SlotModel:
         self.top_logprobs = top_logprobs
         gd, self.state = nnx.split(module)
         n_lp = top_logprobs
+        mesh = module.options.mesh
+        shardings = module.cache_shardings(max_slots, max_len)
+        axes = None if shardings is None else shardings[0].latent.spec[0]
+        self.mesh, self.batch_axes = mesh, axes
+        self.lanes = 1 if axes is None else math.prod(
+            mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+        self.slots_per_lane = max_slots // self.lanes
+        s_local = self.slots_per_lane
+        cache_specs = None if axes is None else jax.tree.map(lambda sh: sh.spec, shardings[0])
+        cache_specs = None if axes is None else [cache_specs] * len(shardings)
 
-        def rows(caches, slot):
-            return jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, 0), caches)
+        def host_view(x):
+            """Replicated on every device: what the host reads, readable by every process."""
+            return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PS()))
 
-        def put_rows(caches, row, slot):
-            return jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, 0), caches, row)
+        def per_shard(fn, in_specs, out_specs):
+            """fn(shard index, *local args) run on each batch shard (or once, without a mesh)."""
+            if axes is None:
+                return functools.partial(fn, jnp.int32(0))
 
-        def prefill(state, slots, slot, ids, start, last, h):
+            def body(*args):
+                return fn(jax.lax.axis_index(axes), *args)
+
+            return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+        lane_spec = PS(axes)
+
+        def rows(caches, lane_slots):
+            """Cache rows [P, max_len, ...] of the lanes' slots (slot -1: any row of the lane)."""
+            def take(_, c, i):
+                li = jnp.where(i >= 0, i % s_local, 0)
+                return jax.tree.map(lambda x: jnp.take(x, li, axis=0), c)
+            return per_shard(take, (cache_specs, lane_spec), cache_specs)(caches, lane_slots)
+
+        def put_rows(caches, row, lane_slots):
+            def put(_, c, r, i):
+                li = jnp.where(i >= 0, i % s_local, 0)
+                return jax.tree.map(lambda x, y: _scatter(x, (li,), y), c, r)
+            return per_shard(put, (cache_specs, cache_specs, lane_spec), cache_specs)(caches, row, lane_slots)
+
+        def prefill(state, slots, lane_slots, ids, starts, lasts, h):
+            """lane_slots [P] (-1 idle), ids [P, C], starts/lasts [P], h [P, D] -> (slots, h)."""
             m = nnx.merge(gd, state)
-            c = ids.shape[0]
-            pos = (start + jnp.arange(c, dtype=jnp.int32))[None]
+            c = ids.shape[1]
+            pos = starts[:, None] + jnp.arange(c, dtype=jnp.int32)[None]
+            pos = jnp.where(lane_slots[:, None] >= 0, pos, max_len)
             with jax.named_scope("slot_prefill"):
-                hid, _, row = m.hidden(ids[None], pos, rows(slots.caches, slot))
-            rel = last - start
-            pick = hid[0, jnp.clip(rel, 0, c - 1)].astype(h.dtype)
-            h = jnp.where((rel >= 0) & (rel < c), pick, h)
-            return dataclasses.replace(slots, caches=put_rows(slots.caches, row, slot)), h
+                hid, _, row = m.hidden(ids, pos, rows(slots.caches, lane_slots))
+            rel = lasts - starts
+            pick = jnp.take_along_axis(hid, jnp.clip(rel, 0, c - 1)[:, None, None], axis=1)[:, 0].astype(h.dtype)
+            h = jnp.where(((rel >= 0) & (rel < c))[:, None], pick, h)
+            return dataclasses.replace(slots, caches=put_rows(slots.caches, row, lane_slots)), h
 
-        def insert(state, slots, slot, h, length, max_new, temperature, top_p, top_k, seed, eos):
+        def insert(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, eos):
+            """Arm `slot` with the request whose prompt's final hidden state is h[lane]."""
             m = nnx.merge(gd, state)
-            logits = m.logits(h[None])
+            logits = m.logits(host_view(h)[lane][None])
             seeds = _set_row(slots.seeds, slot, seed)
             key = _row_keys(seed[None], jnp.zeros((1,), jnp.int32))
             tok = sample_rows(logits, key, temperature[None], top_p[None], top_k[None], candidates=candidates)
@@ -109,8 +175,8 @@ class SlotModel:
                 live=_set_row(slots.live, slot, ~done), count=_set_row(slots.count, slot, 1),
                 max_new=_set_row(slots.max_new, slot, max_new), temperature=_set_row(slots.temperature, slot, temperature),
                 top_p=_set_row(slots.top_p, slot, top_p), top_k=_set_row(slots.top_k, slot, top_k), seeds=seeds)
-            extra = (top_ids[0], top_lp[0]) if n_lp else ()
-            return slots, tok[0], lp[0], done, *extra
+            extra = (host_view(top_ids[0]), host_view(top_lp[0])) if n_lp else ()
+            return slots, host_view(tok[0]), host_view(lp[0]), host_view(done), *extra
 
         def decode(state, slots, eos):
             m = nnx.merge(gd, state)
@@ -146,32 +212,40 @@ class SlotModel:
                 return i + 1, sl, out, lps, tops
 
             i, slots, out, lps, tops = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, out, lps, tops))
-            return slots, out, lps, i, *tops
+            return slots, host_view(out), host_view(lps), host_view(i), *(host_view(t) for t in tops)
 
         def release(slots, slot):
             return dataclasses.replace(slots, live=_set_row(slots.live, slot, False))
 
-        def _starts(x, first, second):
-            return (first, second) + (0,) * (x.ndim - 2)
-
-        def _sizes(x):
-            return (1, BLOCK) + x.shape[2:]
-
         def save_block(slots, pool, slot, block, entry):
-            """Pool entry `entry` <- rows [block*64, block*64 + 64) of `slot`, every layer."""
-            def one(c, p):
-                row = jax.lax.dynamic_slice(c, _starts(c, slot, block * BLOCK), _sizes(c))
-                return jax.lax.dynamic_update_slice(p, row, _starts(p, entry, 0))
+            """Pool entry `entry` <- rows [block*64, block*64 + 64) of `slot`, every layer (the
+            owning shard reads them; a sum over the batch shards hands them to every device)."""
+            def read(shard, c, slot, start):
+                owner = (slot // s_local) == shard
+                li = slot % s_local
+                blk = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(jnp.take(x, li, axis=0), start, BLOCK, 0),
+                                   c)
+                blk = jax.tree.map(lambda x: jnp.where(owner, x, jnp.zeros_like(x)), blk)
+                if axes is None:
+                    return blk
+                return jax.tree.map(lambda x: _psum_bits(x, axes), blk)
 
-            return [jax.tree.map(one, c, p) for c, p in zip(slots.caches, pool)]
+            rep = None if axes is None else [jax.tree.map(lambda _: PS(), cache_specs[0])] * len(cache_specs)
+            blk = per_shard(read, (cache_specs, PS(), PS()), rep)(slots.caches, slot, block * BLOCK)
+            return [jax.tree.map(lambda p, b: p.at[entry].set(b), p_l, b_l) for p_l, b_l in zip(pool, blk)]
 
         def load_block(slots, pool, slot, block, entry):
             """Rows [block*64, block*64 + 64) of `slot` <- pool entry `entry`, every layer."""
-            def one(c, p):
-                ent = jax.lax.dynamic_slice(p, _starts(p, entry, 0), _sizes(p))
-                return jax.lax.dynamic_update_slice(c, ent, _starts(c, slot, block * BLOCK))
+            def write(shard, c, pool, slot, entry, start):
+                li = jnp.where((slot // s_local) == shard, slot % s_local, s_local)     # others: dropped
+                cols = start + jnp.arange(BLOCK, dtype=jnp.int32)
+                return [jax.tree.map(lambda x, p: _scatter(x, (li, cols), p[entry]), cl, pl)
+                        for cl, pl in zip(c, pool)]
 
-            return dataclasses.replace(slots, caches=[jax.tree.map(one, c, p) for c, p in zip(slots.caches, pool)])
+            rep = None if axes is None else [jax.tree.map(lambda _: PS(), cache_specs[0])] * len(cache_specs)
+            caches = per_shard(write, (cache_specs, rep, PS(), PS(), PS()), cache_specs)(
+                slots.caches, pool, slot, entry, block * BLOCK)
+            return dataclasses.replace(slots, caches=caches)
 
         self.traces = collections.Counter()
 
@@ -190,6 +264,8 @@ class SlotModel:
 
     # ---------------------------------------------------------------- state
     def new_slots(self) -> Slots:
+        """Zeroed slot state, born where it lives (caches and per-slot fields split over the
+        batch axes under a mesh)."""
         s = self.max_slots
         caches = self.module.init_caches(s, self.max_len)
 
@@ -198,12 +274,24 @@ class SlotModel:
             return (i32(), i32(), jnp.zeros((s,), bool), i32(), i32(), jnp.zeros((s,), jnp.float32),
                     jnp.ones((s,), jnp.float32), i32(), jnp.zeros((s, 2), jnp.uint32))
 
-        return Slots(caches, *jax.jit(fields)())
+        out = None
+        if self.batch_axes is not None:
+            out = tuple(NamedSharding(self.mesh, PS(self.batch_axes, *([None] * n))) for n in (0,) * 8 + (1,))
+        return Slots(caches, *jax.jit(fields, out_shardings=out)())
+
+    def lane_of(self, slot: int) -> int:
+        return slot // self.slots_per_lane
 
     def new_pool(self, entries: int) -> list:
-        """Prefix pool: per layer, LayerCache of [entries, 64, ...] rows (both caches)."""
+        """Prefix pool: per layer, LayerCache of [entries, 64, ...] rows (both caches),
+        replicated on every device of the mesh."""
         shapes = self.module.cache_shapes(entries, BLOCK)
-        return jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))()
+        out = None if self.mesh is None else jax.tree.map(lambda _: NamedSharding(self.mesh, PS()), shapes)
+        return jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), out_shardings=out)()
+
+    def new_h(self):
+        """Per-lane final hidden states [P, D] (prefill's running output)."""
+        return jnp.zeros((self.lanes, self.cfg.hidden_size), self.module.options.dtype)
 
     def compile_count(self) -> int:
         """Traces (= compilations) of the device functions so far (for the no-recompile check)."""
