@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import json
 import os
 import threading
 from typing import Callable, Sequence
@@ -33,6 +34,31 @@ import numpy as np
 from dsv32_jax.generate.engine import _TextStream
 from dsv32_jax.serve.prefix_cache import PrefixCache, block_keys
 from dsv32_jax.serve.slots import BLOCK, SlotModel
+
+
+_FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
+           "id")
+
+
+def plan_broadcast(halt: bool, inbox: list, cancels: list):
+    """Process 0's (halt, new requests, cancelled ids) to every process (two small broadcasts:
+    the length, then the JSON bytes). Requests arrive on the other processes without callbacks."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        msg = {"halt": halt, "cancels": list(cancels),
+               "requests": [{f: (list(getattr(r, f)) if f in ("prompt", "stop", "stop_token_ids") else getattr(r, f))
+                             for f in _FIELDS} for r in inbox]}
+        payload = np.frombuffer(json.dumps(msg).encode(), np.uint8)
+    else:
+        payload = np.zeros((0,), np.uint8)
+    n = int(multihost_utils.broadcast_one_to_all(np.array([payload.size], np.int32))[0])
+    buf = payload if jax.process_index() == 0 else np.zeros((n,), np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8).tobytes()
+    if jax.process_index() == 0:
+        return halt, inbox, cancels
+    msg = json.loads(data.decode())
+    return msg["halt"], [Request(**r) for r in msg["requests"]], msg["cancels"]
 
 
 class QueueFull(RuntimeError):
@@ -138,7 +164,8 @@ class ServingEngine:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._arrivals = itertools.count()
-        self._cancels: list[Request] = []
+        self._cancels: list[str] = []                           # ids
+        self._inbox: list[Request] = []                         # submitted since the last iteration
         self.stats = collections.Counter()
 
     # ---------------------------------------------------------------- API
@@ -148,36 +175,62 @@ class ServingEngine:
         if req.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need the engine's tokenizer")
         with self._lock:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue {self.max_queue})")
+            waiting = len(self._waiting) + len(self._inbox)
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting (max_queue {self.max_queue})")
             if not req.id:
                 req.id = f"req-{next(self._ids)}"
             if req.seed is None:
                 req.seed = int.from_bytes(os.urandom(4), "little")
-            self._waiting.append(req)
+            self._inbox.append(req)
         return req
 
     def cancel(self, req: Request) -> None:
         """Stop a request (waiting or running; safe from any thread): it ends with
         finish_reason "cancelled" and its slot is freed at the start of the next iteration."""
         with self._lock:
-            self._cancels.append(req)
+            self._cancels.append(req.id)
 
-    def _apply_cancels(self) -> None:
+    def _sync(self, halt: bool = False) -> bool:
+        """Take this iteration's new requests and cancellations, in order. Multi-host: process 0
+        decides and broadcasts them, so that every process schedules identically (their
+        device outputs are replicated, so the rest of the iteration is the same everywhere).
+        Returns process 0's halt flag."""
         with self._lock:
+            inbox, self._inbox = self._inbox, []
             cancels, self._cancels = self._cancels, []
-            for req in cancels:
-                if req in self._waiting:
-                    self._waiting.remove(req)
-                    self._finish_host(req, "cancelled")
-        for req in cancels:
+        if jax.process_count() > 1:
+            halt, inbox, cancels = plan_broadcast(halt, inbox, cancels)
+        for req in inbox:
+            self._waiting.append(req)
+        for rid in cancels:
+            req = next((r for r in self._waiting if r.id == rid), None)
+            if req is not None:
+                self._waiting.remove(req)
+                self._finish_host(req, "cancelled")
             for a in list(self._active.values()):
-                if a.req is req and not a.stopping:
+                if a.req.id == rid and not a.stopping:
                     self._stop(a, "cancelled")
+        return halt
+
+    def shutdown(self) -> None:
+        """Multi-host, process 0: tell the other processes (in `follow()`) to stop."""
+        if jax.process_count() > 1:
+            self._sync(halt=True)
+
+    def follow(self) -> None:
+        """Multi-host, processes other than 0: run the iterations process 0 plans, until it
+        calls shutdown()."""
+        while True:
+            if self._sync():
+                return
+            self._iterate()
 
     @property
     def idle(self) -> bool:
-        return not self._waiting and not self._active and self._pending is None and not self._cancels
+        with self._lock:
+            queued = bool(self._inbox or self._cancels)
+        return not queued and not self._waiting and not self._active and self._pending is None
 
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -223,7 +276,10 @@ class ServingEngine:
 
     # ---------------------------------------------------------------- one iteration
     def step(self) -> None:
-        self._apply_cancels()
+        self._sync()
+        self._iterate()
+
+    def _iterate(self) -> None:
         self._admit()
         self._prefill()
         new = None
@@ -240,24 +296,23 @@ class ServingEngine:
             self._consume(*pending)
 
     def _admit(self) -> None:
-        with self._lock:
-            while self._waiting and any(self._free):
-                req = self._waiting.popleft()
-                lane = max(range(len(self._free)), key=lambda p: len(self._free[p]))
-                slot = self._free[lane].pop()
-                cursor = 0
-                if self.prefix is not None:
-                    usable = (len(req.prompt) - 1) // BLOCK
-                    entries = self.prefix.lookup(block_keys(req.prompt, usable))
-                    for b, e in enumerate(entries):
-                        self.slots = self.sm._load_block(self.slots, self.pool, jnp.int32(slot), jnp.int32(b),
-                                                         jnp.int32(e))
-                    cursor = len(entries) * BLOCK
-                req.cached_tokens = cursor
-                self.stats["prompt_tokens"] += len(req.prompt)
-                self.stats["cached_tokens"] += cursor
-                self._active[slot] = _Active(req, slot, next(self._arrivals), cursor, stream=(
-                    _TextStream(self.tokenizer, req.stop) if self.tokenizer is not None else None))
+        while self._waiting and any(self._free):
+            req = self._waiting.popleft()
+            lane = max(range(len(self._free)), key=lambda p: len(self._free[p]))
+            slot = self._free[lane].pop()
+            cursor = 0
+            if self.prefix is not None:
+                usable = (len(req.prompt) - 1) // BLOCK
+                entries = self.prefix.lookup(block_keys(req.prompt, usable))
+                for b, e in enumerate(entries):
+                    self.slots = self.sm._load_block(self.slots, self.pool, jnp.int32(slot), jnp.int32(b),
+                                                     jnp.int32(e))
+                cursor = len(entries) * BLOCK
+            req.cached_tokens = cursor
+            self.stats["prompt_tokens"] += len(req.prompt)
+            self.stats["cached_tokens"] += cursor
+            self._active[slot] = _Active(req, slot, next(self._arrivals), cursor, stream=(
+                _TextStream(self.tokenizer, req.stop) if self.tokenizer is not None else None))
 
     def _prefill(self) -> None:
         """Prompt chunks, `prefill_budget` tokens' worth of chunk calls; each call advances the

@@ -23,7 +23,7 @@ import dsv32_jax  # noqa: E402
 from dsv32_jax.generate.engine import Engine  # noqa: E402
 from dsv32_jax.generate.sampling import SamplingParams  # noqa: E402
 
-from multihost_cases import MESH, generation_prompts, logits_ids, GEN_TOKENS  # noqa: E402
+from multihost_cases import MESH, generation_prompts, logits_ids, GEN_TOKENS, run_serving  # noqa: E402
 
 mode, path, out = sys.argv[1:4]
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
@@ -38,5 +38,15 @@ elif mode == "generate":
     if jax.process_index() == 0:
         with open(out, "w") as f:
             json.dump([c.token_ids for c in done], f)
+elif mode == "serve":
+    # process 0 schedules (submits, steps); process 1 runs the iterations it broadcasts
+    if jax.process_index() == 0:
+        eng, reqs = run_serving(model)
+        eng.shutdown()
+        with open(out, "w") as f:
+            json.dump([r.tokens for r in reqs] + [reqs[-1].cached_tokens], f)
+    else:
+        from dsv32_jax.serve import ServingEngine
+        ServingEngine(model, max_slots=8, max_len=256, chunk=32, steps=4, prefix_blocks=8).follow()
 else:
     raise SystemExit(f"unknown mode {mode!r}")

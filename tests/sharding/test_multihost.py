@@ -15,7 +15,7 @@ import numpy as np
 import dsv32_jax
 from dsv32_jax.generate.engine import Engine
 from dsv32_jax.generate.sampling import SamplingParams
-from multihost_cases import GEN_TOKENS, generation_prompts, logits_ids
+from multihost_cases import GEN_TOKENS, generation_prompts, logits_ids, run_serving
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -74,3 +74,15 @@ def test_two_processes_generation_equals_one(tiny_hf, tmp_path):
     run_two_processes(_worker("generate", path, tmp_path / "gen.json"))
     got = json.loads((tmp_path / "gen.json").read_text())
     assert got == ref
+
+
+def test_two_processes_serving_engine_equals_one(tiny_hf, tmp_path):
+    """The slot engine across two processes (process 0 schedules and broadcasts each
+    iteration's plan; slots split over data=2 x expert=4): the mixed requests give the
+    single-process tokens, and the prefix cache serves the shared prefix there too."""
+    _, path = tiny_hf
+    _, ref = run_serving(dsv32_jax.load(path, dtype=jnp.float32, numerics="exact"))
+    run_two_processes(_worker("serve", path, tmp_path / "serve.json"))
+    got = json.loads((tmp_path / "serve.json").read_text())
+    assert got[:-1] == [r.tokens for r in ref]
+    assert got[-1] == ref[-1].cached_tokens == 128
