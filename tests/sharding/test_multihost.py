@@ -34,7 +34,7 @@ def run_two_processes(argv_of, timeout=420):
     for pid in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid),
-                   PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
+                   PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen(argv_of(pid), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       cwd=str(ROOT)))
     outs = []
