@@ -1,0 +1,211 @@
+"""Serving-engine benchmarks; prints one JSON object.
+
+A random model (bf16, reference numerics; --model sets its size, default one whose batch-16
+decode step costs >= 20 ms on a 2-core CPU) serves mixed requests: prompts of --prompt-min to
+--prompt-max tokens and outputs of --out-min to --out-max, arriving as a Poisson process
+(--rate requests/s), all measured side by side in one run:
+
+(a) "throughput": output tokens/s of continuous batching (16 slots) over one request at a time
+    (1 slot) and over static batches of 16 through `generate.Engine.generate` (each batch
+    prefilled together and decoded until its longest row ends); targets >= 8x and >= 1.5x.
+(b) "prefix_ttft": time to first token of a request whose --cached-prompt-token prompt is in the
+    prefix cache over the same request cold; target >= 10x faster.
+(c) "prefill_stall": p99 inter-token latency of running streams while a --long-prompt prompt
+    is prefilled chunk by chunk between decode blocks, over their median without it; target <= 3x.
+(e) "kv_bytes": cache bytes per token per layer (latent + rope, and indexer key + scale).
+
+    python benchmarks/engine.py [--requests 24] [--rate 4] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dsv32_jax.config import ModelConfig  # noqa: E402
+from dsv32_jax.generate.engine import Engine  # noqa: E402
+from dsv32_jax.generate.sampling import SamplingParams  # noqa: E402
+from dsv32_jax.model import RuntimeOptions, Transformer  # noqa: E402
+from dsv32_jax.serve import Request, ServingEngine  # noqa: E402
+
+MODEL = ModelConfig(
+    vocab_size=8192, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
+    num_hidden_layers=4, num_attention_heads=16, q_lora_rank=384, kv_lora_rank=512,
+    qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, n_routed_experts=16, n_shared_experts=1,
+    num_experts_per_tok=4, n_group=1, topk_group=1, first_k_dense_replace=1, index_n_heads=4,
+    index_head_dim=64, index_topk=256, max_position_embeddings=163840, num_nextn_predict_layers=0,
+    fp8_block_size=None)
+
+
+def _model(cfg):
+    return Transformer(cfg, RuntimeOptions(dtype=jnp.bfloat16, numerics="reference"), rngs=nnx.Rngs(0))
+
+
+def _workload(rs, n, args):
+    prompts = [list(map(int, rs.randint(2, 8000, int(rs.randint(args.prompt_min, args.prompt_max + 1)))))
+               for _ in range(n)]
+    outs = [int(rs.randint(args.out_min, args.out_max + 1)) for _ in range(n)]
+    gaps = rs.exponential(1.0 / args.rate, n)
+    return prompts, outs, np.cumsum(gaps) - gaps[0]
+
+
+def _serve(eng, prompts, outs, arrivals):
+    """Feed requests at their arrival times into a stepping engine; returns (tokens, seconds)."""
+    reqs = [Request(p, max_tokens=o, temperature=0.0) for p, o in zip(prompts, outs)]
+    t0 = time.perf_counter()
+    nxt = 0
+    while nxt < len(reqs) or not eng.idle:
+        now = time.perf_counter() - t0
+        while nxt < len(reqs) and arrivals[nxt] <= now:
+            eng.submit(reqs[nxt])
+            nxt += 1
+        if eng.idle and nxt < len(reqs):
+            time.sleep(max(0.0, arrivals[nxt] - now))
+            continue
+        eng.step()
+    dt = time.perf_counter() - t0
+    assert all(len(r.tokens) == o for r, o in zip(reqs, outs))
+    return sum(outs), dt
+
+
+def _static(engine, prompts, outs, arrivals, batch):
+    """Static batches of `batch` requests in arrival order (a batch starts when its last member
+    has arrived and the previous batch is done)."""
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        wait = arrivals[min(i + batch, len(prompts)) - 1] - (time.perf_counter() - t0)
+        if wait > 0:
+            time.sleep(wait)
+        engine.generate(prompts[i:i + batch], max_new_tokens=max(outs[i:i + batch]),
+                        sampling=SamplingParams(temperature=0.0))
+    return sum(outs), time.perf_counter() - t0
+
+
+def bench_throughput(module, args):
+    rs = np.random.RandomState(0)
+    prompts, outs, arrivals = _workload(rs, args.requests, args)
+    max_len = -(-(args.prompt_max + args.out_max) // 64) * 64
+    res = {}
+    for name, slots in (("continuous_16", 16), ("one_at_a_time", 1)):
+        eng = ServingEngine(module, max_slots=slots, max_len=max_len, chunk=args.chunk, steps=args.steps,
+                            prefill_budget=args.chunk * 2)
+        eng.warmup()
+        toks, dt = _serve(eng, prompts, outs, arrivals)
+        res[name] = {"output_tokens": toks, "seconds": round(dt, 2), "tokens_per_s": round(toks / dt, 1)}
+    static = Engine(module, prefill_chunk=args.chunk, len_bucket=max_len, block=args.steps)
+    static.generate(prompts[:16], max_new_tokens=2, sampling=SamplingParams(temperature=0.0))   # compile
+    toks, dt = _static(static, prompts, outs, arrivals, 16)
+    res["static_16"] = {"output_tokens": toks, "seconds": round(dt, 2), "tokens_per_s": round(toks / dt, 1)}
+    c = res["continuous_16"]["tokens_per_s"]
+    res["continuous_over_one_at_a_time"] = round(c / res["one_at_a_time"]["tokens_per_s"], 2)
+    res["continuous_over_static"] = round(c / res["static_16"]["tokens_per_s"], 2)
+    return res
+
+
+def _ttft(eng, prompt):
+    r = Request(prompt, max_tokens=1, temperature=0.0)
+    t0 = time.perf_counter()
+    eng.submit(r)
+    while not r.tokens:
+        eng.step()
+    dt = time.perf_counter() - t0
+    eng.run_until_idle()
+    return dt, r.cached_tokens
+
+
+def bench_prefix(module, args):
+    n = args.cached_prompt
+    eng = ServingEngine(module, max_slots=4, max_len=-(-(n + 64) // 64) * 64, chunk=args.chunk, steps=args.steps,
+                        prefill_budget=n + args.chunk, prefix_blocks=n // 64 + 2)
+    eng.warmup()
+    prompt = list(map(int, np.random.RandomState(5).randint(2, 8000, n)))
+    cold, c0 = _ttft(eng, prompt)
+    warm, c1 = _ttft(eng, prompt)
+    return {"prompt_tokens": n, "cold_ttft_s": round(cold, 3), "cached_ttft_s": round(warm, 3),
+            "cached_tokens": c1, "speedup": round(cold / warm, 1)}
+
+
+def bench_stall(module, args):
+    n = args.long_prompt
+    eng = ServingEngine(module, max_slots=8, max_len=-(-(n + 256) // 64) * 64, chunk=args.chunk, steps=1,
+                        prefill_budget=args.chunk)
+    eng.warmup()
+    stamps: dict[int, list] = {}
+
+    def on_token(r, t, piece, _clock=time.perf_counter):
+        stamps.setdefault(id(r), []).append(_clock())
+
+    def run(with_long):
+        stamps.clear()
+        streams = [Request(list(map(int, np.random.RandomState(i).randint(2, 8000, 64))), max_tokens=args.stall_tokens,
+                           temperature=0.0, on_token=on_token) for i in range(4)]
+        for r in streams:
+            eng.submit(r)
+        for _ in range(8):
+            eng.step()                     # streams running
+        if with_long:
+            eng.submit(Request(list(map(int, np.random.RandomState(9).randint(2, 8000, n))), max_tokens=1,
+                               temperature=0.0))
+        eng.run_until_idle()
+        gaps = np.concatenate([np.diff(stamps[id(r)][8:]) for r in streams])
+        return gaps
+
+    base = run(False)
+    loaded = run(True)
+    return {"long_prompt": n, "chunk": args.chunk, "median_itl_ms": round(1e3 * float(np.median(base)), 2),
+            "p99_itl_with_prefill_ms": round(1e3 * float(np.percentile(loaded, 99)), 2),
+            "p99_over_median": round(float(np.percentile(loaded, 99) / np.median(base)), 2)}
+
+
+def kv_bytes(cfg):
+    lat = cfg.kv_dim * 2                       # bf16 latent + rope key
+    idx = cfg.index_head_dim + 4               # e4m3 indexer key + f32 scale
+    return {"latent_rope": lat, "indexer": idx, "total": lat + idx}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--rate", type=float, default=4.0)
+    ap.add_argument("--prompt-min", type=int, default=64)
+    ap.add_argument("--prompt-max", type=int, default=2048)
+    ap.add_argument("--out-min", type=int, default=16)
+    ap.add_argument("--out-max", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--cached-prompt", type=int, default=4096)
+    ap.add_argument("--long-prompt", type=int, default=16384)
+    ap.add_argument("--stall-tokens", type=int, default=48)
+    ap.add_argument("--only", default="throughput,prefix,stall")
+    ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not the targets)")
+    args = ap.parse_args()
+    if args.quick:
+        args.requests, args.prompt_max, args.out_max, args.cached_prompt, args.long_prompt = 6, 256, 32, 512, 1024
+        args.stall_tokens = 16
+    module = _model(MODEL)
+    out = {"model": {"layers": MODEL.num_hidden_layers, "hidden": MODEL.hidden_size, "experts": MODEL.n_routed_experts,
+                     "index_topk": MODEL.index_topk, "dtype": "bfloat16"},
+           "backend": jax.default_backend(), "threads": threading.active_count()}
+    only = set(args.only.split(","))
+    if "throughput" in only:
+        out["throughput"] = bench_throughput(module, args)
+    if "prefix" in only:
+        out["prefix_ttft"] = bench_prefix(module, args)
+    if "stall" in only:
+        out["prefill_stall"] = bench_stall(module, args)
+    out["kv_bytes"] = kv_bytes(MODEL)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
