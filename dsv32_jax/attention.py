@@ -9,9 +9,19 @@ Attention always runs in the absorbed (MQA) form over the cached 576-d entries
 
 In float32 this equals the expanded (MHA) form transformers uses. The two ops that touch the
 keys, `indexer_topk` and `sparse_mla`, come from `pallas_kernels` through one seam:
-`attention_impl` ("xla": plain jnp — the reference indexer and the blockwise XLA sparse
-attention with its custom_vjp; "pallas": the TPU/GPU kernels; "interpret": the TPU kernels in
-Pallas interpret mode, for CPU tests).
+`attention_impl`:
+  "auto"       (default) "pallas" on TPU/GPU, "xla" on CPU;
+  "xla"        plain jnp shaped for the backend: on CPU the reference indexer and the blockwise
+               sparse attention (one query row per step, float32); on TPU/GPU batched rows with
+               operands in the compute dtype and float32 accumulation; both sparse attentions
+               with the kernels' custom_vjp backward;
+  "pallas"     the TPU/GPU kernels;
+  "interpret"  the kernels in Pallas interpret mode (the TPU ones unless kernel_backend="gpu"),
+               for CPU tests.
+`kernel_backend` ("tpu" | "gpu" | None = the platform jax runs on) picks whose kernels and
+XLA shapes are used; set it explicitly to lower for another platform than the host's.
+Under a mesh both ops run inside `jax.shard_map` on their per-device slices, with the specs
+decided in `dsv32_jax.kernel_sharding` (no collective in attention when the batch is split).
 """
 from __future__ import annotations
 
@@ -25,12 +35,13 @@ from dsv32_jax.config import ModelConfig
 from dsv32_jax.indexer import Indexer
 from dsv32_jax.layers import Linear, RMSNorm, rope_interleaved
 from dsv32_jax.numerics import fp8_round_trip
-from pallas_kernels.indexer_topk import indexer_topk
-from pallas_kernels.sparse_mla import sparse_mla
+from dsv32_jax.kernel_sharding import sharded_indexer_topk, sharded_sparse_mla
+from pallas_kernels.common import platform_backend
 
-# attention_impl -> (indexer_topk impl, sparse_mla impl)
-ATTENTION_IMPLS = {"xla": ("reference", "xla"), "pallas": ("pallas", "pallas"),
+# attention_impl -> (indexer_topk impl, sparse_mla impl); "auto" is resolved by resolve_attention
+ATTENTION_IMPLS = {"auto": None, "xla": ("xla", "xla"), "pallas": ("pallas", "pallas"),
                    "interpret": ("interpret", "interpret")}
+KERNEL_BACKENDS = ("tpu", "gpu")
 # Query chunk of the plain-XLA path: bounds the [B, chunk, Hi, L] indexer logits and the
 # [B, chunk, K, 576] gathered rows of a long prefill.
 XLA_QUERY_CHUNK = 256
@@ -50,30 +61,60 @@ class LayerCache:
     index_k_scale: jax.Array | None
 
     def write(self, positions, latent, index_k, index_k_scale):
-        """Store entries of tokens at absolute `positions` [B, T] (slot = position)."""
-        b = jnp.arange(positions.shape[0])[:, None]
-        new = LayerCache(self.latent.at[b, positions].set(latent.astype(self.latent.dtype)),
-                         _scatter_rows(self.index_k, b, positions, index_k), None)
-        if self.index_k_scale is not None:
-            new.index_k_scale = self.index_k_scale.at[b, positions].set(index_k_scale)
+        """Store entries of tokens at absolute `positions` [B, T] (slot = position).
+
+        Each row scatters into its own sequence (a scatter batched over B), so a batch split
+        over devices is written without any collective."""
+        with jax.named_scope("cache_write"):
+            new = LayerCache(_scatter_rows(self.latent, positions, latent),
+                             _scatter_rows(self.index_k, positions, index_k), None)
+            if self.index_k_scale is not None:
+                new.index_k_scale = _scatter_rows(self.index_k_scale, positions, index_k_scale)
         return new
 
 
-def _scatter_rows(cache, b, positions, rows):
-    """cache.at[b, positions].set(rows) in place. Float8 caches are scattered as their uint8 bits:
-    XLA has no float8 scatter on some backends and would convert the whole cache twice."""
+def resolve_attention(attention_impl: str, kernel_backend: str | None = None):
+    """-> (indexer_topk impl, sparse_mla impl, backend "tpu" | "gpu" | None) for this trace.
+
+    kernel_backend None means the platform jax runs on (None on CPU).
+    """
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {tuple(ATTENTION_IMPLS)}, got {attention_impl!r}")
+    if kernel_backend is not None and kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS} or None, got {kernel_backend!r}")
+    backend = kernel_backend or platform_backend()
+    if attention_impl == "auto":
+        attention_impl = "xla" if backend is None else "pallas"
+    elif attention_impl == "interpret":
+        backend = kernel_backend or "tpu"
+    elif attention_impl == "pallas" and backend is None:
+        raise ValueError("attention_impl='pallas' needs a TPU or GPU (or kernel_backend='tpu'|'gpu' to "
+                         "lower for one); use 'xla' or 'interpret' on CPU")
+    index_impl, attn_impl = ATTENTION_IMPLS[attention_impl]
+    return index_impl, attn_impl, backend
+
+
+def _scatter_rows(cache, positions, rows):
+    """cache[b, positions[b]] = rows[b] for every b, in place: cache [B, S, ...], positions [B, T],
+    rows [B, T, ...]. Float8 caches are scattered as their uint8 bits: XLA has no float8 scatter
+    on some backends and would convert the whole cache twice."""
     rows = rows.astype(cache.dtype)
+    scatter = jax.vmap(lambda c, p, r: c.at[p].set(r))
     if jnp.dtype(cache.dtype).itemsize != 1 or not jnp.issubdtype(cache.dtype, jnp.floating):
-        return cache.at[b, positions].set(rows)
-    bits = jax.lax.bitcast_convert_type(cache, jnp.uint8)
-    bits = bits.at[b, positions].set(jax.lax.bitcast_convert_type(rows, jnp.uint8))
+        return scatter(cache, positions, rows)
+    bits = scatter(jax.lax.bitcast_convert_type(cache, jnp.uint8), positions,
+                   jax.lax.bitcast_convert_type(rows, jnp.uint8))
     return jax.lax.bitcast_convert_type(bits, cache.dtype)
 
 
 class MLA(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None, mesh=None, kernel_backend=None):
+        """mesh: the model's Mesh (the attention ops then run under shard_map) or None;
+        kernel_backend: "tpu" | "gpu" | None (the platform's), see resolve_attention."""
         self.cfg = cfg
         self.dtype = dtype
+        self.mesh = mesh
+        self.kernel_backend = kernel_backend
         h = cfg.num_attention_heads
         lin = dict(dtype=dtype, rngs=rngs, fp8_block=fp8_block)
         self.q_a = Linear(cfg.hidden_size, cfg.q_lora_rank, axes=("embed", "q_lora"), **lin)
@@ -95,7 +136,7 @@ class MLA(nnx.Module):
             c = fp8_round_trip(c, block=128 if r % 128 == 0 else r)
         return jnp.concatenate([c, rope_interleaved(kv[..., r:], cos, sin)], axis=-1)
 
-    def __call__(self, x, positions, cos, sin, *, numerics="exact", attention_impl="xla",
+    def __call__(self, x, positions, cos, sin, *, numerics="exact", attention_impl="auto",
                  cache: LayerCache | None = None, kv_lengths=None):
         """x [B, T, D], positions [B, T] int32 absolute, cos/sin [B, T, rope/2].
 
@@ -104,6 +145,10 @@ class MLA(nnx.Module):
         whole cache; `kv_lengths` [B] bounds the valid slots.
         Returns (out [B, T, D], indices [B, T, K] int32, new cache or None).
         """
+        with jax.named_scope("mla"):
+            return self._attention(x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths)
+
+    def _attention(self, x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths):
         cfg = self.cfg
         b, t, _ = x.shape
         h, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
@@ -126,16 +171,18 @@ class MLA(nnx.Module):
             keys, index_k, index_k_scale = cache.latent, cache.index_k, cache.index_k_scale
             q_positions = positions.astype(jnp.int32)
 
-        index_impl, attn_impl = ATTENTION_IMPLS[attention_impl]
+        index_impl, attn_impl, backend = resolve_attention(attention_impl, self.kernel_backend)
+        mesh = self.mesh
 
         def attend(q_full_c, iq_c, iw_c, qpos_c):
-            idx = indexer_topk(iq_c, index_k, iw_c, topk=cfg.index_topk, q_positions=qpos_c,
-                               k_scale=index_k_scale, kv_lengths=kv_lengths, impl=index_impl)
-            o = sparse_mla(q_full_c, keys, idx, softmax_scale=cfg.softmax_scale,
-                           v_dim=cfg.kv_lora_rank, impl=attn_impl)
+            idx = sharded_indexer_topk(iq_c, index_k, iw_c, mesh=mesh, topk=cfg.index_topk,
+                                       q_positions=qpos_c, k_scale=index_k_scale, kv_lengths=kv_lengths,
+                                       impl=index_impl, backend=backend)
+            o = sharded_sparse_mla(q_full_c, keys, idx, mesh=mesh, softmax_scale=cfg.softmax_scale,
+                                   v_dim=cfg.kv_lora_rank, impl=attn_impl, backend=backend)
             return o, idx
 
-        if index_impl == "reference" and t > XLA_QUERY_CHUNK:
+        if index_impl in ("reference", "xla") and t > XLA_QUERY_CHUNK:
             o_lat, idx = _map_query_chunks(attend, (q_full, iq, iw, q_positions), XLA_QUERY_CHUNK)
         else:
             o_lat, idx = attend(q_full, iq, iw, q_positions)

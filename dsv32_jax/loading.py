@@ -116,13 +116,14 @@ def load_hf(path, options: RuntimeOptions, cfg: ModelConfig | None = None, progr
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def load(path, dtype=jnp.bfloat16, attention_impl: str = "xla", *, numerics: str = "reference",
+def load(path, dtype=jnp.bfloat16, attention_impl: str = "auto", *, numerics: str = "reference",
          mtp: bool = False, fp8_weights: bool = False, mesh=None) -> Model:
     """Load a checkpoint directory (Hugging Face layout) into a ready-to-call model.
 
     dtype: parameter/activation dtype (float32 for exact comparisons, bfloat16 for speed).
-    attention_impl: "xla" (plain-jnp ops), "pallas" (backend kernels), "interpret" (kernels in
-        Pallas interpret mode). numerics: "reference" (the official FP8 simulations) or "exact".
+    attention_impl: "auto" (default: "pallas" on TPU/GPU, "xla" on CPU), "xla" (plain-jnp ops),
+        "pallas" (backend kernels), "interpret" (kernels in Pallas interpret mode).
+    numerics: "reference" (the official FP8 simulations) or "exact".
     mtp: also load the multi-token-prediction head (checkpoint layer num_hidden_layers).
     fp8_weights: keep FP8 weights as e4m3 + block scales.
     mesh: a mesh string such as "data=2,expert=4" (see dsv32_jax.sharding) or a Mesh: every

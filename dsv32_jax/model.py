@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from dsv32_jax.attention import ATTENTION_IMPLS, MLA, LayerCache
+from dsv32_jax.attention import ATTENTION_IMPLS, KERNEL_BACKENDS, MLA, LayerCache
 from dsv32_jax.config import ModelConfig
 from dsv32_jax.indexer import NUMERICS
 from dsv32_jax.layers import Embed, Linear, RMSNorm, rope_cos_sin
@@ -34,19 +34,24 @@ class RuntimeOptions:
     dtype: parameter and activation dtype (float32 for tests, bfloat16 for speed).
     numerics: "reference" (the official FP8 indexer + FP8 KV-latent simulations; default) or
         "exact" (what transformers computes).
-    attention_impl: "xla" | "pallas" | "interpret" (see dsv32_jax.attention).
+    attention_impl: "auto" (pallas on TPU/GPU, xla on CPU) | "xla" | "pallas" | "interpret"
+        (see dsv32_jax.attention).
     fp8_weights: keep FP8 checkpoint weights as e4m3 + block scales instead of dequantising.
     mtp: build the multi-token-prediction head.
     mesh: a jax.sharding.Mesh with axes dsv32_jax.sharding.MESH_AXES, or None (one device):
-        activations get batch sharding constraints at layer boundaries and the routed experts
-        run expert-parallel when the mesh has expert > 1.
+        activations get batch sharding constraints at layer boundaries, the attention ops run
+        under shard_map (dsv32_jax.kernel_sharding) and the routed experts run expert-parallel
+        when the mesh has expert > 1.
+    kernel_backend: "tpu" | "gpu" | None (the platform jax runs on): whose kernels "pallas" /
+        "auto" use and which XLA shapes "xla" uses; set it to lower for another platform.
     """
     dtype: jnp.dtype = jnp.bfloat16
     numerics: str = "reference"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     fp8_weights: bool = False
     mtp: bool = False
     mesh: object = None
+    kernel_backend: str | None = None
 
     def __post_init__(self):
         if self.numerics not in NUMERICS:
@@ -54,12 +59,16 @@ class RuntimeOptions:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {tuple(ATTENTION_IMPLS)}, "
                              f"got {self.attention_impl!r}")
+        if self.kernel_backend is not None and self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS} or None, "
+                             f"got {self.kernel_backend!r}")
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs, fp8_block=None, moe=None, mesh=None):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs, fp8_block=None, moe=None, mesh=None,
+                 kernel_backend=None):
         self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs)
-        self.attn = MLA(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block)
+        self.attn = MLA(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block, mesh=mesh, kernel_backend=kernel_backend)
         self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs)
         is_moe = cfg.is_moe_layer(layer) if moe is None else moe
         self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block, mesh=mesh) if is_moe else
@@ -81,14 +90,14 @@ class MTPHead(nnx.Module):
     giving logits for token i+2.
     """
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None, mesh=None):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None, mesh=None, kernel_backend=None):
         d = cfg.hidden_size
         self.embed = Embed(cfg.vocab_size, d, dtype=dtype, rngs=rngs)
         self.enorm = RMSNorm(d, eps=cfg.rms_norm_eps, rngs=rngs)
         self.hnorm = RMSNorm(d, eps=cfg.rms_norm_eps, rngs=rngs)
         self.eh_proj = Linear(2 * d, d, axes=(None, "embed"), dtype=dtype, rngs=rngs)
         self.block = Block(cfg, cfg.num_hidden_layers, dtype=dtype, rngs=rngs, fp8_block=fp8_block, moe=True,
-                           mesh=mesh)
+                           mesh=mesh, kernel_backend=kernel_backend)
         self.norm = RMSNorm(d, eps=cfg.rms_norm_eps, rngs=rngs)
         self.head = Linear(d, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
 
@@ -102,11 +111,13 @@ class Transformer(nnx.Module):
         if options.fp8_weights and fp8 is None:
             raise ValueError("fp8_weights=True needs a config with quantization_config (FP8 block size)")
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs, fp8_block=fp8, mesh=options.mesh)
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs, fp8_block=fp8, mesh=options.mesh,
+                                      kernel_backend=options.kernel_backend)
                                 for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
-        self.mtp = MTPHead(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8, mesh=options.mesh) if options.mtp else None
+        self.mtp = (MTPHead(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8, mesh=options.mesh,
+                            kernel_backend=options.kernel_backend) if options.mtp else None)
 
     # ------------------------------------------------------------------ forward
     def hidden(self, input_ids, positions=None, caches=None, kv_lengths=None):

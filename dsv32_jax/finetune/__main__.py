@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-weights", action="store_true", help="keep FP8 base weights as e4m3 + scales")
     p.add_argument("--numerics", choices=("exact", "reference"), default="exact",
                    help="exact: no FP8 simulation (default); reference: the official FP8 indexer/KV numerics")
-    p.add_argument("--attention-impl", choices=("xla", "pallas", "interpret"), default=None,
-                   help="default: pallas on GPU/TPU, xla on CPU")
+    p.add_argument("--attention-impl", choices=("auto", "xla", "pallas", "interpret"), default="auto",
+                   help="auto (default): pallas on GPU/TPU, xla on CPU")
     p.add_argument("--mesh", help="device mesh such as 'data=4,tensor=2'")
     p.add_argument("--no-remat", action="store_true", help="keep all activations (no per-layer remat)")
     p.add_argument("--save-every", type=int, default=50,

@@ -63,8 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     p.add_argument("--numerics", default="reference", choices=["reference", "exact"],
                    help="reference (default): the official FP8 indexer + KV-latent numerics; exact: transformers' numerics")
-    p.add_argument("--attention-impl", default="xla", choices=["xla", "pallas", "interpret"],
-                   help="xla (default): plain XLA ops; pallas: the TPU/GPU kernels; interpret: kernels in interpret mode")
+    p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "pallas", "interpret"],
+                   help="auto (default): pallas on TPU/GPU, xla on CPU; xla: plain XLA ops; pallas: the TPU/GPU "
+                        "kernels; interpret: kernels in interpret mode")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=2,expert=4"')
     p.add_argument("--prefill-chunk", type=int, default=256,
                    help="longest prompt chunk per prefill call; longer prompts are prefilled in chunks (default 256)")

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from pallas_kernels.common import platform_backend
-from pallas_kernels.indexer_topk import reference
+from pallas_kernels.indexer_topk import reference, xla
 
-IMPLS = ("auto", "pallas", "interpret", "reference")
+IMPLS = ("auto", "pallas", "interpret", "reference", "xla")
 BACKENDS = ("tpu", "gpu")
 
 
@@ -19,6 +19,9 @@ def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=N
 
     impl:
       "reference": plain jnp (materialises the [B, T, L] scores);
+      "xla": plain jnp shaped for ``backend``: the reference for None (CPU), or for
+        "tpu"/"gpu" the accelerator form of xla.py (operands in their storage precision,
+        float32 accumulation, key chunks for long prefills);
       "auto": the TPU kernel on TPU, the GPU kernel on GPU, the reference elsewhere;
       "pallas": the kernel of ``backend`` (default: the current platform's), compiled;
       "interpret": the kernel of ``backend`` (default "tpu") in Pallas interpret mode;
@@ -36,6 +39,14 @@ def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=N
         backend = platform_backend()
         if backend is None:
             impl = "reference"
+    if impl == "xla":
+        if backend is None:
+            impl = "reference"
+        elif backend not in BACKENDS:
+            raise ValueError(f"indexer_topk: unknown backend {backend!r}; expected {BACKENDS}")
+        else:
+            return xla.indexer_topk(q, k, weights, topk=topk, q_positions=q_positions,
+                                    k_scale=k_scale, kv_lengths=kv_lengths, **kernel_options)
     if impl == "reference":
         return reference.indexer_topk(q, k, weights, topk=topk, q_positions=q_positions,
                                       k_scale=k_scale, kv_lengths=kv_lengths)

@@ -7,6 +7,7 @@ import functools
 from pallas_kernels.common import platform_backend
 from pallas_kernels.sparse_mla import reference
 from pallas_kernels.sparse_mla.vjp import sparse_mla_blockwise, sparse_mla_vjp
+from pallas_kernels.sparse_mla.xla import sparse_mla_rows
 
 IMPLS = ("auto", "pallas", "interpret", "reference", "xla")
 BACKENDS = ("tpu", "gpu")
@@ -43,9 +44,11 @@ def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, impl: str = "auto",
     impl:
       "reference": the plain-jnp reference (gathers only the selected rows,
         `query_chunk` queries at a time); differentiated by jax directly;
-      "xla": a blockwise jnp forward shaped for XLA:CPU (one query row per step), the
-        fastest CPU path, with the kernels' custom_vjp backward; kernel_options may set
-        rows_per_step;
+      "xla": a jnp forward with the kernels' custom_vjp backward, shaped for `backend`:
+        None (CPU): blockwise, one query row per step in float32 (the fastest CPU path;
+        kernel_options may set rows_per_step); "tpu"/"gpu": xla.sparse_mla_rows, all rows
+        of a query chunk per step as batched matmuls in the cache dtype with float32
+        accumulation (kernel_options may set query_chunk);
       "auto": the TPU kernel on TPU, the GPU kernel on GPU, the reference elsewhere;
       "pallas": the kernel of `backend` (default: the current platform's), compiled;
       "interpret": the kernel of `backend` (default "tpu") in Pallas interpret mode;
@@ -69,7 +72,10 @@ def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, impl: str = "auto",
         return reference.sparse_mla(q, kv, indices, softmax_scale=softmax_scale, v_dim=v_dim,
                                     query_chunk=query_chunk)
     if impl == "xla":
-        fwd = functools.partial(sparse_mla_blockwise, **kernel_options)
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"sparse_mla: unknown backend {backend!r}; expected {BACKENDS}")
+        fwd = functools.partial(sparse_mla_blockwise if backend is None else sparse_mla_rows,
+                                **kernel_options)
         return sparse_mla_vjp(q, kv, indices, fwd, float(softmax_scale), int(v_dim),
                               bwd_query_chunk)
     if impl == "interpret":

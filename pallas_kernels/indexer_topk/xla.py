@@ -1,0 +1,59 @@
+"""Lightning-indexer scores and top-k in plain jnp shaped for TPU/GPU (the `impl="xla"` path there).
+
+Same contract as `reference.indexer_topk`. The reference computes q . k in float32 at HIGHEST
+precision (exact, and the fastest form on XLA:CPU); here the products run as the official FP8
+indexer does: q . k with float32 accumulation on operands in their storage precision (float8
+keys/queries are widened to bfloat16, which holds every e4m3 value exactly, so the products are
+those of an FP8 MMA), then relu, the float32 head weights and the sum over heads in float32.
+Prefill-sized calls score the keys in chunks, bounding the [B, T, Hi, chunk] logits.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.indexer_topk.reference import topk_from_scores, visibility_mask
+
+# float32 bytes of the [B, T, Hi, chunk] logits per key chunk
+LOGITS_BUDGET = 256 << 20
+
+
+def _operand_dtype(dtype):
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.bfloat16) if dtype.itemsize == 1 else dtype
+
+
+def indexer_scores(q, k, weights, *, q_positions, k_scale=None, kv_lengths=None, key_chunk=None):
+    """float32 [B, T, L] index scores, -inf for invisible keys (see reference.indexer_scores).
+
+    q [B, T, Hi, D], k [B, L, D] (float or float8), weights [B, T, Hi] f32. key_chunk: keys per
+    step (None: as many as keep the logits within LOGITS_BUDGET).
+    """
+    B, T, Hi, D = q.shape
+    L = k.shape[1]
+    cd = jnp.promote_types(_operand_dtype(q.dtype), _operand_dtype(k.dtype))
+    qc, w = q.astype(cd), weights.astype(jnp.float32)
+
+    def score(keys):                                   # [B, C, D] -> [B, T, C]
+        logits = jnp.einsum("bthd,bsd->bths", qc, keys.astype(cd), preferred_element_type=jnp.float32)
+        return jnp.sum(jax.nn.relu(logits) * w[..., None], axis=2)
+
+    if key_chunk is None:
+        key_chunk = max(128, LOGITS_BUDGET // max(1, B * T * Hi * 4) // 128 * 128)
+    if L <= key_chunk:
+        scores = score(k)
+    else:
+        m = -(-L // key_chunk)
+        kp = jnp.pad(k, ((0, 0), (0, m * key_chunk - L), (0, 0)))
+        parts = jax.lax.map(score, kp.reshape(B, m, key_chunk, D).swapaxes(0, 1))   # [m, B, T, C]
+        scores = parts.transpose(1, 2, 0, 3).reshape(B, T, m * key_chunk)[..., :L]
+    if k_scale is not None:
+        scores = scores * k_scale.astype(jnp.float32)[:, None, :]
+    return jnp.where(visibility_mask(q_positions, kv_lengths, L), scores, -jnp.inf)
+
+
+def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=None, key_chunk=None):
+    """int32 [B, T, min(topk, L)], -1 where fewer visible keys than topk."""
+    scores = indexer_scores(q, k, weights, q_positions=q_positions, k_scale=k_scale,
+                            kv_lengths=kv_lengths, key_chunk=key_chunk)
+    return topk_from_scores(scores, topk)
