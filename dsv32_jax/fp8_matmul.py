@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 MAX_TILE_RATIO = 1.0 / 6.0     # dequantised tile bytes / FP8 weight bytes
-MIN_TILE_BYTES = 1 << 20       # weights whose compute-dtype copy is below this take one step
+MIN_TILE_BYTES = 1 << 16       # weights whose compute-dtype copy is below this take one step
 
 
 def _divisors(n: int) -> list[int]:

@@ -1,6 +1,6 @@
 """What a traced function allocates, read from its jaxpr (no compilation, no device memory).
 
-`temporaries(fn, *args, weights=...)` traces `fn` on (abstract or concrete) arguments and lists
+`temporaries(fn, *args, weight_args=...)` traces `fn` on (abstract or concrete) arguments and lists
 every array the function body creates, with its bytes, walking into the bodies of pjit, scan,
 while, cond (e.g. `lax.platform_dependent`), remat, custom_jvp/vjp and shard_map. Inside a
 shard_map body the shapes are per device; outside they are global (`per_device` says which).
@@ -14,17 +14,22 @@ Counted: each equation's outputs, except
     stacked per-iteration outputs of a scan are counted at the scan.
 
 Weight-derived temporaries: `weight_args` names the positional arguments that hold weights
-(e.g. the nnx state); every array leaf there is a weight, grouped by its path with a trailing
+(e.g. the nnx state); every matrix (ndim >= 2) there is a weight (vectors such as norm scales
+and biases count as constants), grouped by its path with a trailing
 `_scale` folded into the weight it scales (an FP8 kernel and its block scales are one group).
 A value is weight-derived when it depends on some weight and on nothing else but constants
 (literals, iota, ...): the dequantised copy of a weight is, its product with an activation is
 not. Its `weight_bytes` is the size of the largest weight (group member) it derives from, per
 device inside shard_map (scaled by that operand's shard fraction).
+
+`collectives(text)` lists the collectives of a lowered program (StableHLO text, e.g. lowered
+for ("tpu",) from abstract arrays) with the bytes each moves per device.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import numpy as np
@@ -46,6 +51,7 @@ class Temp:
     where: str            # the name stack (jax.named_scope / module path) of the equation
     per_device: bool      # created inside a shard_map body (local shape)
     weight_bytes: int     # bytes of the largest weight it derives from; 0 if not weight-derived
+    weight: str = ""      # that weight's group (argument path)
 
     @property
     def weight_ratio(self) -> float:
@@ -111,9 +117,9 @@ class _Walker:
         aval = var.aval
         if not hasattr(aval, "shape"):
             return
-        wb = max(state.values()) if isinstance(state, dict) else 0
+        wb, wg = max(((b, g) for g, b in state.items()), default=(0, "")) if isinstance(state, dict) else (0, "")
         self.temps.append(Temp(_nbytes(aval), tuple(aval.shape), str(aval.dtype), eqn.primitive.name,
-                               str(eqn.source_info.name_stack), per_device, wb))
+                               str(eqn.source_info.name_stack), per_device, wb, wg))
 
     def walk(self, jaxpr, consts_states, in_states, per_device):
         """Walk an open jaxpr; returns the states of its outvars."""
@@ -210,17 +216,20 @@ def _group(path) -> str:
 def temporaries(fn, *args, weight_args: tuple[int, ...] = ()) -> list[Temp]:
     """Every array `fn(*args)` creates (see the module docstring), largest first.
 
-    weight_args: indices of the positional arguments whose array leaves are weights.
+    weight_args: indices of the positional arguments whose array leaves (ndim >= 2) are weights.
     """
     closed = jax.make_jaxpr(fn)(*args)
     leaves = [(i, path, leaf) for i, a in enumerate(args) for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]]
+    def is_weight(i, leaf):
+        return i in weight_args and len(getattr(leaf, "shape", ())) >= 2
+
     group_bytes: dict[str, int] = {}
     for i, path, leaf in leaves:
-        if i in weight_args and hasattr(leaf, "shape"):
+        if is_weight(i, leaf):
             g = _group(path)
             group_bytes[g] = max(group_bytes.get(g, 0), _nbytes(leaf))
-    states = [{_group(path): group_bytes[_group(path)]} if i in weight_args and hasattr(leaf, "shape") else None
-              for i, path, leaf in leaves]
+    states = [{_group(path): group_bytes[_group(path)]} if is_weight(i, leaf) else
+              ("const" if i in weight_args else None) for i, path, leaf in leaves]
     if len(states) != len(closed.jaxpr.invars):
         raise ValueError(f"temporaries: {len(states)} argument leaves but the jaxpr has "
                          f"{len(closed.jaxpr.invars)} inputs")
@@ -239,3 +248,79 @@ def largest_weight(tree) -> int:
     """Bytes of the largest array leaf of a pytree (e.g. the per-device shard when `tree` holds
     local shapes; the global array otherwise)."""
     return max((_nbytes(x) for x in jax.tree.leaves(tree) if hasattr(x, "shape")), default=0)
+
+
+# ------------------------------------------------------------------ collectives in lowered programs
+_COLLECTIVE = re.compile(r'"?stablehlo\.(all_to_all|all_gather|all_reduce|reduce_scatter|collective_permute)"?'
+                         r'|@(ragged_all_to_all)\b')
+_TENSOR = re.compile(r"tensor<([^>]*)>")
+_FUNC = re.compile(r"func\.func\s+(?:public\s+|private\s+)?@([\w.$-]+)")
+_CALL = re.compile(r"(?:func\.call|call)\s+@([\w.$-]+)")
+_DTYPE_BYTES = {"i1": 1, "i8": 1, "ui8": 1, "i16": 2, "ui16": 2, "i32": 4, "ui32": 4, "i64": 8, "ui64": 8,
+                "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "f8E4M3FN": 1, "f8E5M2": 1}
+
+
+def _tensor_bytes(spec: str) -> int:
+    parts = spec.split("x")
+    dims, dt = parts[:-1], parts[-1]
+    return math.prod(int(d) for d in dims) * _DTYPE_BYTES.get(dt, 4) if all(d.isdigit() for d in dims) else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of a lowered program, with the bytes it moves per device (see `collectives`)."""
+    op: str
+    operand_bytes: int
+    output_bytes: int
+    calls: int            # how many times it runs per call of the program (call-graph multiplicity)
+
+    @property
+    def wire_bytes(self) -> int:
+        """all_to_all: its buffer. ragged_all_to_all: min(operand, output): a device sends at most its
+        operand's rows and receives at most its output's rows, and the expert exchange sizes one of
+        the two exactly (dispatch: the assignments sent; combine: the results received). Others: the
+        larger of operand and output."""
+        if self.op == "ragged_all_to_all":
+            return min(self.operand_bytes, self.output_bytes)
+        if self.op == "all_to_all":
+            return self.operand_bytes
+        return max(self.operand_bytes, self.output_bytes)
+
+
+def collectives(stablehlo: str) -> list[Collective]:
+    """The collectives of a lowered (StableHLO text) program, per device inside shard_map bodies,
+    each with the number of times it runs per program call (functions called from several places,
+    e.g. one shard_map body per layer, count once per call site)."""
+    funcs: dict[str, str] = {}
+    starts = [(m.start(), m.group(1)) for m in _FUNC.finditer(stablehlo)]
+    for (pos, name), nxt in zip(starts, starts[1:] + [(len(stablehlo), None)]):
+        funcs[name] = stablehlo[pos:nxt[0]]
+    if not funcs:
+        funcs = {"main": stablehlo}
+    main = "main" if "main" in funcs else next(iter(funcs))
+    mult: dict[str, int] = {}
+
+    def visit(name, times):
+        mult[name] = mult.get(name, 0) + times
+        for callee in _CALL.findall(funcs.get(name, "")):
+            if callee in funcs and callee != name:
+                visit(callee, times)
+
+    visit(main, 1)
+    out = []
+    for name, body in funcs.items():
+        if not mult.get(name):
+            continue
+        for m in _COLLECTIVE.finditer(body):
+            op = m.group(1) or m.group(2)
+            sig = body.find(" : (", m.end())
+            arrow = body.find(") -> ", sig)
+            if sig < 0 or arrow < 0:
+                continue
+            end = body.find("\n", arrow)
+            ins = [_tensor_bytes(t) for t in _TENSOR.findall(body[sig:arrow])]
+            outs = [_tensor_bytes(t) for t in _TENSOR.findall(body[arrow:end])]
+            if op == "ragged_all_to_all":           # (operand, output, offsets/sizes ...) -> output
+                ins, outs = ins[:1], outs[:1]
+            out.append(Collective(op, sum(ins), sum(outs), mult[name]))
+    return out
