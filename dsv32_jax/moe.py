@@ -118,9 +118,9 @@ class Experts(nnx.Module):
         ops, axes = {}, {}
         for name in EXPERT_PROJ:
             roles = ("experts", None, "hidden") if name != "down" else ("experts", "hidden", None)
-            ops[name], axes[name] = getattr(self, name)[...], roles
+            ops[name], axes[name] = getattr(self, name).get_value(), roles
             if self.fp8_block is not None:
-                ops[name + "_scale"], axes[name + "_scale"] = getattr(self, name + "_scale")[...], roles
+                ops[name + "_scale"], axes[name + "_scale"] = getattr(self, name + "_scale").get_value(), roles
         granule = 1 if self.fp8_block is None else math.lcm(*self.fp8_block)
         return GroupedFFN(self.ffn, ops, axes, granule)
 
