@@ -107,6 +107,7 @@ def _join(states):
 class _Walker:
     def __init__(self):
         self.temps: list[Temp] = []
+        self.scope = ""        # name stack of the enclosing equations (bodies' stacks are relative)
 
     def state_of(self, env, v):
         if isinstance(v, jcore.Literal):
@@ -119,7 +120,7 @@ class _Walker:
             return
         wb, wg = max(((b, g) for g, b in state.items()), default=(0, "")) if isinstance(state, dict) else (0, "")
         self.temps.append(Temp(_nbytes(aval), tuple(aval.shape), str(aval.dtype), eqn.primitive.name,
-                               str(eqn.source_info.name_stack), per_device, wb, wg))
+                               self.scope, per_device, wb, wg))
 
     def walk(self, jaxpr, consts_states, in_states, per_device):
         """Walk an open jaxpr; returns the states of its outvars."""
@@ -130,7 +131,11 @@ class _Walker:
             env[v] = s
         for eqn in jaxpr.eqns:
             ins = [self.state_of(env, v) for v in eqn.invars]
+            outer = self.scope
+            local = str(eqn.source_info.name_stack)
+            self.scope = "/".join(p for p in (outer, local) if p)
             outs = self.eqn(eqn, ins, per_device)
+            self.scope = outer
             for v, s in zip(eqn.outvars, outs):
                 env[v] = s
         return [self.state_of(env, v) for v in jaxpr.outvars]

@@ -170,13 +170,19 @@ class MoE(nnx.Module):
 
 
 def set_expert_exchange(model, exchange: str = "auto", capacity_factor: float | None = None):
-    """Choose the expert-parallel exchange of every MoE layer of `model` (in place; returns it).
+    """Choose the expert-parallel exchange of every MoE layer of `model`.
 
-    exchange: "auto" (padded on the CPU backend, ragged elsewhere), "ragged", "padded" or
-    "emulated" (see dsv32_jax.expert_parallel). capacity_factor: None = dropless, else the
-    receive buffer holds cf x the average assignments per device (overflow dropped).
-    Set it before jitting (it is part of the module's static structure).
+    model: a Transformer (changed in place and returned) or a loaded `dsv32_jax.Model` (its
+    module is changed; a new Model is returned, since the old one's jitted functions hold the
+    previous static structure). exchange: "auto" (padded on the CPU backend, ragged
+    elsewhere), "ragged", "padded" or "emulated" (see dsv32_jax.expert_parallel).
+    capacity_factor: None = dropless, else the receive buffer holds cf x the average
+    assignments per device (overflow dropped). Set it before jitting.
     """
+    from dsv32_jax.loading import Model
+
+    if isinstance(model, Model):
+        return Model(set_expert_exchange(model.module, exchange, capacity_factor))
     if exchange not in EXCHANGES:
         raise ValueError(f"error: expert exchange {exchange!r} is not one of {EXCHANGES}")
     if capacity_factor is not None and not capacity_factor > 0:

@@ -208,16 +208,16 @@ def test_model_with_the_emulated_ragged_exchange_equals_one_device(tiny_hf):
     """`set_expert_exchange` reaches every MoE layer: the tiny model on data=2 x expert=4 through
     the ragged path (emulated on CPU) gives the single-device logits."""
     import dsv32_jax
-    from dsv32_jax.loading import Model
     from dsv32_jax.moe import MoE, set_expert_exchange
 
     _, path = tiny_hf
     ids = np.random.RandomState(0).randint(0, 256, (8, 16)).astype(np.int32)
     ref = np.asarray(dsv32_jax.load(path, dtype=jnp.float32, numerics="exact")(ids))
-    module = dsv32_jax.load(path, dtype=jnp.float32, numerics="exact", mesh="data=2,expert=4").module
-    set_expert_exchange(module, "emulated")
+    model = set_expert_exchange(dsv32_jax.load(path, dtype=jnp.float32, numerics="exact", mesh="data=2,expert=4"),
+                                "emulated")
+    module = model.module
     assert all(m.exchange == "emulated" for _, m in nnx.iter_graph(module) if isinstance(m, MoE))
-    out = np.asarray(Model(module)(ids))
+    out = np.asarray(model(ids))
     # float32; only the summation order of sharded reductions differs (as in test_sharding)
     assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
     with pytest.raises(ValueError, match="error: expert exchange 'fast'"):
