@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from dsv32_jax.config import ModelConfig
+from dsv32_jax.fp8_matmul import fp8_matmul
 from dsv32_jax.numerics import dequant_blocks
 
 INIT_STD = 0.02
@@ -43,7 +44,9 @@ class Linear(nnx.Module):
 
     With `fp8_block` set, `kernel` is stored as float8_e4m3fn and `kernel_scale`
     [ceil(in/b), ceil(out/b)] holds the per-tile dequantisation scale (the checkpoint's
-    `weight_scale_inv`, transposed); the forward dequantises to the compute dtype.
+    `weight_scale_inv`, transposed); the forward is a block-scaled matmul that keeps the
+    kernel in FP8 (`dsv32_jax.fp8_matmul`, no full-size dequantised copy); `weight()` still
+    returns the dequantised kernel for export, merges and reshaped uses.
     """
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple, dtype, rngs,
@@ -58,15 +61,22 @@ class Linear(nnx.Module):
             shape = (math.ceil(in_features / fp8_block[1]), math.ceil(out_features / fp8_block[0]))
             self.kernel_scale = param(rngs, shape, jnp.float32, (None, None), init="ones")
 
+    @property
+    def kernel_block(self) -> tuple[int, int] | None:
+        """The FP8 tile over the [in, out] kernel: (rows of in, columns of out), or None."""
+        return None if self.fp8_block is None else (self.fp8_block[1], self.fp8_block[0])
+
     def weight(self):
-        """The kernel in the compute dtype, [in, out]."""
+        """The kernel in the compute dtype, [in, out] (FP8: dequantised whole)."""
         if self.fp8_block is None:
             return self.kernel[...]
-        bt = (self.fp8_block[1], self.fp8_block[0])
-        return dequant_blocks(self.kernel[...], self.kernel_scale[...], bt).astype(self.dtype)
+        return dequant_blocks(self.kernel[...], self.kernel_scale[...], self.kernel_block).astype(self.dtype)
 
     def __call__(self, x):
-        return matmul(x, self.weight())
+        """x [..., in] -> [..., out] in x's dtype (float32 accumulation)."""
+        if self.fp8_block is None:
+            return matmul(x, self.kernel[...])
+        return fp8_matmul(x, self.kernel[...], self.kernel_scale[...], self.kernel_block)
 
 
 class F32Linear(nnx.Module):

@@ -6,7 +6,12 @@ keep topk_group groups, pick num_experts_per_tok experts among them by biased sc
 = the unbiased scores of the chosen experts, renormalised (norm_topk_prob) and multiplied by
 routed_scaling_factor. The shared expert(s) are added unweighted.
 
-Routed experts run as grouped matmuls (`jax.lax.ragged_dot`) over tokens sorted by expert.
+Routed experts run as grouped matmuls (`jax.lax.ragged_dot`) over tokens sorted by expert;
+FP8 experts through `fp8_ragged_dot` (FP8 tiles, never a dequantised copy of the stack). Each
+expert's output is rounded to the compute dtype before the float32 weighted sum, as the
+official experts' bf16 Linear outputs are (a no-op for float32 models). With a mesh whose
+"expert" axis is > 1 they run expert-parallel (dsv32_jax.expert_parallel); `MoE.exchange` and
+`MoE.capacity_factor` (set for a whole model with `set_expert_exchange`) choose the exchange.
 """
 from __future__ import annotations
 
@@ -17,9 +22,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv32_jax.config import ModelConfig
-from dsv32_jax.expert_parallel import expert_parallel_experts
+from dsv32_jax.expert_parallel import EXCHANGES, GroupedFFN, expert_parallel_experts
+from dsv32_jax.fp8_matmul import fp8_ragged_dot
 from dsv32_jax.layers import Linear, param
 from dsv32_jax.numerics import dequant_blocks
+
+EXPERT_PROJ = ("gate", "up", "down")
 
 
 class MLP(nnx.Module):
@@ -63,7 +71,8 @@ class Router(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """Routed experts stacked for grouped matmuls: gate/up [E, D, I], down [E, I, D]."""
+    """Routed experts stacked for grouped matmuls: gate/up [E, D, I], down [E, I, D]
+    (FP8: float8_e4m3fn plus `{name}_scale` [E, ceil(in/b), ceil(out/b)])."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None):
         e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -80,34 +89,67 @@ class Experts(nnx.Module):
                 setattr(self, name + "_scale", param(rngs, sshape, jnp.float32, ("experts", None, None),
                                                      init="ones"))
 
+    @property
+    def kernel_block(self) -> tuple[int, int] | None:
+        """The FP8 tile over each [in, out] expert matrix, or None."""
+        return None if self.fp8_block is None else (self.fp8_block[1], self.fp8_block[0])
+
     def weight(self, name):
+        """The stacked `name` weights in the compute dtype (FP8: dequantised whole; for export)."""
         w = getattr(self, name)[...]
         if self.fp8_block is None:
             return w
-        bt = (self.fp8_block[1], self.fp8_block[0])
-        return dequant_blocks(w, getattr(self, name + "_scale")[...], bt).astype(self.dtype)
+        return dequant_blocks(w, getattr(self, name + "_scale")[...], self.kernel_block).astype(self.dtype)
+
+    def gmm(self, ops, name, a, sizes):
+        """Grouped matmul of rows a [R, in] (sorted by expert) with ops[name] -> float32 [R, out]."""
+        w = ops[name]
+        if self.fp8_block is None:
+            return jax.lax.ragged_dot(a, w.astype(a.dtype), sizes, preferred_element_type=jnp.float32)
+        return fp8_ragged_dot(a, w, ops[name + "_scale"], sizes, self.kernel_block)
+
+    def ffn(self, ops, xs, sizes):
+        """SwiGLU of every row with its expert: xs [R, D] -> float32 [R, D]."""
+        hdn = jax.nn.silu(self.gmm(ops, "gate", xs, sizes)) * self.gmm(ops, "up", xs, sizes)
+        return self.gmm(ops, "down", hdn.astype(xs.dtype), sizes)
+
+    def grouped(self) -> GroupedFFN:
+        """The experts as a pure function of their arrays (for the expert-parallel shard_map)."""
+        ops, axes = {}, {}
+        for name in EXPERT_PROJ:
+            roles = ("experts", None, "hidden") if name != "down" else ("experts", "hidden", None)
+            ops[name], axes[name] = getattr(self, name).get_value(), roles
+            if self.fp8_block is not None:
+                ops[name + "_scale"], axes[name + "_scale"] = getattr(self, name + "_scale").get_value(), roles
+        granule = 1 if self.fp8_block is None else math.lcm(*self.fp8_block)
+        return GroupedFFN(self.ffn, ops, axes, granule)
 
     def __call__(self, x, weights, experts):
         """x [N, D], weights/experts [N, k] -> [N, D] (float32 combine)."""
-        n, k = experts.shape
-        num_e = self.gate.shape[0]
-        flat = experts.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        xs = jnp.take(x, order // k, axis=0)
-        sizes = jnp.bincount(flat, length=num_e).astype(jnp.int32)
+        g = self.grouped()
+        return combine_local(g.fn, g.operands, x, weights, experts)
 
-        def gmm(a, w):
-            return jax.lax.ragged_dot(a, w.astype(a.dtype), sizes, preferred_element_type=jnp.float32)
 
-        hdn = jax.nn.silu(gmm(xs, self.weight("gate"))) * gmm(xs, self.weight("up"))
-        ys = gmm(hdn.astype(x.dtype), self.weight("down"))                        # [N*k, D] f32
-        y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
-        return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32))
+def combine_local(fn, ops, x, weights, experts):
+    """Single-device routed experts: sort the N*k assignments by expert, fn(ops, xs, sizes),
+    round each output to x's dtype and sum with the weights in float32 -> [N, D]."""
+    n, k = experts.shape
+    num_e = ops["gate"].shape[0]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    xs = jnp.take(x, order // k, axis=0)
+    sizes = jnp.bincount(flat, length=num_e).astype(jnp.int32)
+    ys = fn(ops, xs, sizes).astype(x.dtype)                                   # [N*k, D]
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights.astype(jnp.float32))
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None, mesh=None):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs, fp8_block=None, mesh=None, exchange: str = "auto",
+                 capacity_factor: float | None = None):
         self.mesh = mesh
+        self.exchange = exchange
+        self.capacity_factor = capacity_factor
         self.router = Router(cfg, rngs=rngs)
         self.experts = Experts(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block)
         self.shared = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
@@ -119,10 +161,34 @@ class MoE(nnx.Module):
         flat = x.reshape(-1, shape[-1])
         w, e, _ = self.router(flat)
         if self.mesh is not None and self.mesh.shape.get("expert", 1) > 1:
-            ex = self.experts
-            routed = expert_parallel_experts(flat, w, e, ex.weight("gate"), ex.weight("up"), ex.weight("down"),
-                                             self.mesh)
+            routed = expert_parallel_experts(flat, w, e, self.experts.grouped(), self.mesh,
+                                             exchange=self.exchange, capacity_factor=self.capacity_factor)
         else:
             routed = self.experts(flat, w, e)
         y = routed + self.shared(flat).astype(jnp.float32)
         return y.astype(x.dtype).reshape(shape)
+
+
+def set_expert_exchange(model, exchange: str = "auto", capacity_factor: float | None = None):
+    """Choose the expert-parallel exchange of every MoE layer of `model`.
+
+    model: a Transformer (changed in place and returned) or a loaded `dsv32_jax.Model` (its
+    module is changed; a new Model is returned, since the old one's jitted functions hold the
+    previous static structure). exchange: "auto" (padded on the CPU backend, ragged
+    elsewhere), "ragged", "padded" or "emulated" (see dsv32_jax.expert_parallel).
+    capacity_factor: None = dropless, else the receive buffer holds cf x the average
+    assignments per device (overflow dropped). Set it before jitting.
+    """
+    from dsv32_jax.loading import Model
+
+    if isinstance(model, Model):
+        return Model(set_expert_exchange(model.module, exchange, capacity_factor))
+    if exchange not in EXCHANGES:
+        raise ValueError(f"error: expert exchange {exchange!r} is not one of {EXCHANGES}")
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"error: capacity_factor must be > 0, got {capacity_factor}")
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, MoE):
+            node.exchange = exchange
+            node.capacity_factor = capacity_factor
+    return model

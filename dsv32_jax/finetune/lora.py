@@ -35,8 +35,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
+from dsv32_jax.expert_parallel import GroupedFFN
 from dsv32_jax.layers import Linear
-from dsv32_jax.moe import Experts
+from dsv32_jax.moe import EXPERT_PROJ, Experts, combine_local
 from dsv32_jax.params import hf_source
 
 TARGET_PRESETS = {
@@ -46,7 +47,6 @@ TARGET_PRESETS = {
     "experts": r"layers\.\d+\.mlp\.experts",
     "indexer": r"layers\.\d+\.attn\.indexer\.(wq_b|wk)",
 }
-EXPERT_PROJ = ("gate", "up", "down")
 EXPERT_UID_OFFSET = 1 << 20
 
 
@@ -149,8 +149,9 @@ class LoRAExperts(nnx.Module):
 
     __call__(x [N, D], weights [N, k], experts [N, k]) -> [N, D] float32, the same grouped
     computation as `Experts` with each grouped matmul g(xs, W) replaced by
-    g(xs, W) + g(g(dropout(xs), A), B) * scale. `weight(name)` returns merged stacks (used by
-    the expert-parallel path, without dropout).
+    g(xs, W) + g(g(dropout(xs), A), B) * scale; the base term is the base's own grouped matmul
+    (FP8 bases stay FP8). `grouped()` gives the same for the expert-parallel path (without
+    dropout); `weight(name)` returns merged stacks (for export).
     """
 
     def __init__(self, base: Experts, ctx: LoRAContext, uid: int, factors: dict):
@@ -175,28 +176,39 @@ class LoRAExperts(nnx.Module):
     def weight(self, name):
         return (self.base.weight(name).astype(jnp.float32) + self.delta(name)).astype(self.base.dtype)
 
-    def __call__(self, x, weights, experts):
-        n, k = experts.shape
-        num_e = self.base.gate.shape[0]
-        flat = experts.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        xs = jnp.take(x, order // k, axis=0)
-        sizes = jnp.bincount(flat, length=num_e).astype(jnp.int32)
+    def _ffn(self, ops, xs, sizes, dropout: bool):
+        """SwiGLU with adapters: xs [R, D] rows sorted by expert -> float32 [R, D]."""
         scale = self.ctx.config.scale
 
         def gmm(a, w):
-            return jax.lax.ragged_dot(a, w.astype(a.dtype), sizes, preferred_element_type=jnp.float32)
+            return jax.lax.ragged_dot(a, w, sizes, preferred_element_type=jnp.float32)
 
         def proj(a, name, uid):
-            ad = self.ctx.dropout(a, uid).astype(jnp.float32)
-            low = gmm(ad, getattr(self, name + "_a")[...])
-            return gmm(a, self.base.weight(name)) + gmm(low, getattr(self, name + "_b")[...]) * scale
+            ad = (self.ctx.dropout(a, uid) if dropout else a).astype(jnp.float32)
+            low = gmm(ad, ops[name + "_a"])
+            return self.base.gmm(ops, name, a, sizes) + gmm(low, ops[name + "_b"]) * scale
 
         base_uid = EXPERT_UID_OFFSET + 3 * self.uid     # dropout streams distinct from LoRALinear's
         hdn = jax.nn.silu(proj(xs, "gate", base_uid)) * proj(xs, "up", base_uid + 1)
-        ys = proj(hdn.astype(x.dtype), "down", base_uid + 2)                      # [N*k, D] f32
-        y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
-        return jnp.einsum("nkd,nk->nd", y, weights.astype(jnp.float32))
+        return proj(hdn.astype(xs.dtype), "down", base_uid + 2)
+
+    def grouped(self) -> GroupedFFN:
+        """Base arrays plus adapters (a of down and b of gate/up split like the hidden dim)."""
+        g = self.base.grouped()
+        ops, axes = dict(g.operands), dict(g.axes)
+        for name in EXPERT_PROJ:
+            ops[name + "_a"] = getattr(self, name + "_a")[...]
+            ops[name + "_b"] = getattr(self, name + "_b")[...]
+            hidden_in = name == "down"
+            axes[name + "_a"] = ("experts", "hidden" if hidden_in else None, None)
+            axes[name + "_b"] = ("experts", None, None if hidden_in else "hidden")
+        return GroupedFFN(lambda o, xs, sizes: self._ffn(o, xs, sizes, dropout=False), ops, axes,
+                          g.hidden_granule)
+
+    def __call__(self, x, weights, experts):
+        g = self.grouped()
+        return combine_local(lambda o, xs, sizes: self._ffn(o, xs, sizes, dropout=True), g.operands, x, weights,
+                             experts)
 
 
 # ------------------------------------------------------------------------------ wrapping

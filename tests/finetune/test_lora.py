@@ -214,8 +214,8 @@ def test_fp8_base_stays_frozen_and_merges_via_dequantised_base(tmp_path):
 
 def test_expert_adapters_train_and_match_on_a_device_mesh(tiny_hf):
     """Routed-expert adapters train; on a data x expert x tensor mesh over 8 host devices (base
-    sharded by its logical axes, adapters replicated, experts run expert-parallel through the
-    merged expert weights) the losses equal the single-device ones."""
+    sharded by its logical axes, adapters replicated, experts run expert-parallel with the
+    base and adapter grouped matmuls inside the shard_map) the losses equal the single-device ones."""
     _, path = tiny_hf
     out = {}
     for mesh in (None, "data=2,expert=2,tensor=2"):
