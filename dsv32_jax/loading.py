@@ -6,8 +6,6 @@ A Hugging Face directory (config.json + safetensors, bf16/fp32 or the FP8 releas
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np

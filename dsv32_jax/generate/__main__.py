@@ -187,22 +187,28 @@ def load_tok(ckpt: Path, args):
         raise CliError(f"--ckpt: {ckpt / 'tokenizer.json'}: cannot be read ({e})") from None
 
 
-def build_prompt(args, tok) -> tuple[list[int], str | None]:
-    """(prompt ids, chat thinking mode or None for raw/ids prompts)."""
+def parse_prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise CliError("--prompt-ids: no ids given")
+    return ids
+
+
+def build_prompt(args, tok, messages=None) -> tuple[list[int], str | None]:
+    """(prompt ids, chat thinking mode or None for raw/ids prompts). `messages`: the --chat
+    file's messages when already read."""
     from dsv32_jax.generate.chat import BOS, encode_messages
 
     mode = "thinking" if args.thinking else "chat"
     if args.prompt_ids is not None:
-        try:
-            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-        except ValueError:
-            raise CliError(f"--prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}") from None
-        if not ids:
-            raise CliError("--prompt-ids: no ids given")
-        return ids, None
+        return parse_prompt_ids(args.prompt_ids), None
     if args.raw:
         return tok.encode(BOS + args.prompt), None
-    messages = read_messages(args.chat) if args.chat else [{"role": "user", "content": args.prompt}]
+    if messages is None:
+        messages = read_messages(args.chat) if args.chat else [{"role": "user", "content": args.prompt}]
     try:
         text = encode_messages(messages, thinking_mode=mode)
     except (ValueError, KeyError, TypeError) as e:
@@ -212,12 +218,30 @@ def build_prompt(args, tok) -> tuple[list[int], str | None]:
 
 def prepare(args, ckpt: Path) -> dict:
     """Everything but the model: config, tokenizer, prompt ids, sampling, EOS ids; every input
-    check happens here, before the (slow) model load."""
+    check happens here, before the (slow) model load, the cheap ones before the tokenizer loads."""
     from dsv32_jax.generate.sampling import eos_ids_from_config, sampling_defaults
 
     cfg = check_checkpoint_dir(ckpt)
+    try:
+        sampling = sampling_defaults(ckpt).replace(temperature=args.temperature, top_p=args.top_p,
+                                                   top_k=args.top_k, seed=args.seed)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    messages = read_messages(args.chat) if args.chat else None
+    if args.prompt_ids is not None:
+        _check_ids(args, ckpt, cfg, parse_prompt_ids(args.prompt_ids))
     tok = load_tok(ckpt, args)
-    ids, mode = build_prompt(args, tok)
+    ids, mode = build_prompt(args, tok, messages)
+    _check_ids(args, ckpt, cfg, ids)
+    try:
+        eos = eos_ids_from_config(ckpt, tok.eos_id if tok is not None else cfg.eos_token_id)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    return {"cfg": cfg, "tok": tok, "ids": ids, "mode": mode, "sampling": sampling, "eos": eos}
+
+
+def _check_ids(args, ckpt: Path, cfg, ids: list[int]) -> None:
+    """Prompt ids inside the vocabulary, prompt + --max-new-tokens inside the context."""
     vocab = cfg.vocab_size
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
@@ -229,13 +253,6 @@ def prepare(args, ckpt: Path) -> dict:
                        f"{len(ids) + args.max_new_tokens} tokens exceeds the model's context of {limit} tokens "
                        f"(max_position_embeddings in {ckpt / 'config.json'}); shorten the prompt or lower "
                        "--max-new-tokens")
-    try:
-        sampling = sampling_defaults(ckpt).replace(temperature=args.temperature, top_p=args.top_p,
-                                                   top_k=args.top_k, seed=args.seed)
-        eos = eos_ids_from_config(ckpt, tok.eos_id if tok is not None else cfg.eos_token_id)
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    return {"cfg": cfg, "tok": tok, "ids": ids, "mode": mode, "sampling": sampling, "eos": eos}
 
 
 def run(args) -> dict:
