@@ -216,6 +216,3 @@ def run_cli(parser: argparse.ArgumentParser, argv, body, *, interrupted: str = "
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
