@@ -4,6 +4,13 @@ This module is the source side: it validates a Hugging Face checkpoint against t
 (`plan_conversion`) and produces our parameters from it one at a time (`read_param`).
 `convert.writer` is the output side (orbax items, manifest, resume, verification).
 
+Source identity (what makes a finished layer trustworthy on a rerun): every source tensor's
+bytes are hashed (sha256) while they are streamed for the conversion, so the digest costs CPU
+(about 1 GB/s per worker thread, in parallel with the dequantisation) but no extra read. The
+writer records, per output item, the digests of the tensors it was made from and the
+(size, mtime_ns, inode) of the shard files as they were before the read. See `convert.writer`
+for how a rerun uses them.
+
 Everything is derived from the parameter tree (`dsv32_jax.params`): which checkpoint tensors
 exist, their shapes and dtypes, and how each of our parameters is made from them. Shards are
 read lazily through `dsv32_jax.safetensors_io` (memory-mapped, one tensor at a time).
@@ -20,12 +27,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from dsv32_jax.cli import abspath
 from dsv32_jax.config import ModelConfig, load_config
 from dsv32_jax.converted import GLOBALS_ITEM, OUT_DTYPES, item_key, item_of
 from dsv32_jax.params import abstract_params, hf_source, path_str
 from dsv32_jax.safetensors_io import CheckpointError, HFCheckpoint
 
-__all__ = ["ConvertError", "Plan", "convert_weights", "plan_conversion", "read_param"]
+__all__ = ["ConvertError", "Plan", "convert_weights", "plan_conversion", "read_param", "shard_stats",
+           "tensor_digest"]
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -68,6 +77,11 @@ class ParamJob:
     def bytes_out(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every source tensor read for this parameter (weights, then their scales)."""
+        return self.names + (self.scales or ())
+
 
 @dataclasses.dataclass
 class Item:
@@ -83,6 +97,10 @@ class Item:
     def bytes_out(self) -> int:
         return sum(j.bytes_out for j in self.jobs)
 
+    @property
+    def sources(self) -> list[str]:
+        return [n for j in self.jobs for n in j.sources]
+
 
 @dataclasses.dataclass
 class Plan:
@@ -95,6 +113,7 @@ class Plan:
     keep_mtp: bool
     items: list[Item]
     source: dict                 # fingerprint record (see `_fingerprint`)
+    stats: dict                  # {shard: [size, mtime_ns, inode]} before anything was read
 
     @property
     def bytes_in(self) -> int:
@@ -218,7 +237,7 @@ def plan_conversion(hf_dir, dtype: str = "bfloat16", keep_mtp: bool = False) -> 
     """Validate the source and plan the items (layers in order, then globals, then MTP)."""
     from dsv32_jax.model import RuntimeOptions
 
-    hf_dir = Path(hf_dir)
+    hf_dir = abspath(hf_dir)
     if dtype not in OUT_DTYPES:
         _fail(f"--dtype {dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
     if not hf_dir.is_dir():
@@ -252,8 +271,34 @@ def plan_conversion(hf_dir, dtype: str = "bfloat16", keep_mtp: bool = False) -> 
     def order(name):      # decoder layers by number, then the globals, then the MTP head
         return (0, int(name.split("_")[1])) if name.startswith("layer_") else (1 if name == GLOBALS_ITEM else 2, 0)
 
+    stats = shard_stats(ckpt)
     return Plan(hf_dir, ckpt, cfg, out_cfg, dtype, keep_mtp, [items[n] for n in sorted(items, key=order)],
-                _fingerprint(ckpt, cfg))
+                _fingerprint(ckpt, cfg), stats)
+
+
+def shard_stats(ckpt: HFCheckpoint) -> dict:
+    """{shard file: [size, mtime_ns, inode]}: changes whenever a shard is rewritten or replaced."""
+    out = {}
+    for shard in sorted(set(ckpt.weight_map.values())):
+        st = (ckpt.dir / shard).stat()
+        out[shard] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return out
+
+
+def _bytes(a: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
+def tensor_digest(ckpt: HFCheckpoint, name: str) -> str:
+    """sha256 of a source tensor's bytes, read in bands (what `read_param` records while converting)."""
+    f = ckpt.file(ckpt.weight_map[name])
+    shape = f.shape(name)
+    rows = shape[0] if shape else 1
+    step = max(1, BAND_BYTES // max(1, f.nbytes(name) // max(1, rows)))
+    h = hashlib.sha256()
+    for r0 in range(0, rows, step):
+        h.update(_bytes(f.read_rows(name, r0, min(rows, r0 + step))))
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- reading
@@ -298,14 +343,16 @@ def _put(dst: np.ndarray, r0: int, r1: int, band: np.ndarray, transpose: bool) -
         dst[r0:r1] = band
 
 
-def _fill(dst: np.ndarray, ckpt: HFCheckpoint, name: str, scale: str | None, transpose: bool, block) -> None:
+def _fill(dst: np.ndarray, ckpt: HFCheckpoint, name: str, scale: str | None, transpose: bool, block,
+          digests: dict) -> None:
     """Write one checkpoint tensor into `dst` (our layout and dtype), band of rows by band.
 
     FP8 weights with `scale` are dequantised: dst = (w [R, C] * scale tiles [ceil(R/br), ceil(C/bc)])
     (transposed if asked), float32 products rounded once to dst's dtype, the same values as
     `dsv32_jax.numerics.dequant_blocks`. Otherwise the values are copied (cast if the dtype
     differs; e4m3 only to e4m3). Every band is checked for NaN/Inf. Only one band of the
-    source is resident at a time.
+    source is resident at a time. The sha256 of the source bytes (of `name`, and of `scale`) is
+    computed on the bands as they are read and stored in `digests[name]`.
     """
     f = ckpt.file(ckpt.weight_map[name])
     src_dtype, shape = f.dtype(name), f.shape(name)
@@ -314,17 +361,23 @@ def _fill(dst: np.ndarray, ckpt: HFCheckpoint, name: str, scale: str | None, tra
     if scale is not None:
         br, bc = block
         c = shape[1]
-        srep = np.repeat(np.asarray(ckpt.get(scale), np.float32), bc, axis=1)[:, :c]
+        sval = np.array(ckpt.get(scale))
+        digests[scale] = hashlib.sha256(_bytes(sval)).hexdigest()
+        srep = np.repeat(sval.astype(np.float32), bc, axis=1)[:, :c]
+        h = hashlib.sha256()
         to_bf16 = dst.dtype == BF16
         out = dst.view(np.uint16) if to_bf16 else dst
         for i in range(math.ceil(rows / br)):
             r0, r1 = i * br, min(rows, (i + 1) * br)
-            band = np.take(_E4M3_TO_F32, f.read_rows(name, r0, r1).view(np.uint8))
+            raw = f.read_rows(name, r0, r1).view(np.uint8)
+            h.update(_bytes(raw))
+            band = np.take(_E4M3_TO_F32, raw)
             band *= srep[i]
             band = _f32_to_bf16_bits(band) if to_bf16 else band.astype(dst.dtype)
             if (_nonfinite(band.view(BF16)) if to_bf16 else _nonfinite(band)):
                 _fail(f"{where} holds NaN or Inf after dequantisation with {scale!r} (rows {r0}:{r1})")
             _put(out, r0, r1, band, transpose)
+        digests[name] = h.hexdigest()
         return
     if (src_dtype == FP8) != (dst.dtype == FP8):
         _fail(f"{where} is {src_dtype}, which cannot be stored as {dst.dtype}")
@@ -332,21 +385,27 @@ def _fill(dst: np.ndarray, ckpt: HFCheckpoint, name: str, scale: str | None, tra
     view = {1: np.uint8, 2: np.uint16}.get(src_dtype.itemsize)
     out = dst.view(view) if same else dst          # plain integer copies for 1- and 2-byte floats
     step = max(1, BAND_BYTES // max(1, f.nbytes(name) // max(1, rows)))
+    h = hashlib.sha256()
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         band = f.read_rows(name, r0, r1)
+        h.update(_bytes(band))
         if _nonfinite(band):
             _fail(f"{where} holds NaN or Inf values (rows {r0}:{r1}): corrupt data?")
         _put(out, r0, r1, band.view(view) if same else band, transpose)
+    digests[name] = h.hexdigest()
 
 
-def read_param(ckpt: HFCheckpoint, job: ParamJob, block, pool=None, on_tensor=None) -> np.ndarray:
+def read_param(ckpt: HFCheckpoint, job: ParamJob, block, pool=None, on_tensor=None,
+               digests: dict | None = None) -> np.ndarray:
     """The value of one parameter, [job.shape] of job.dtype, built straight into its output array.
 
     Stacked experts are written expert by expert into the [E, ...] array (in parallel on
     `pool`, a concurrent.futures executor, when given); `on_tensor(nbytes)` is called after
-    each source tensor.
+    each source tensor. `digests`, when given, receives {source tensor: sha256 of its bytes}
+    for every tensor read (`job.sources`).
     """
+    digests = {} if digests is None else digests
     out = np.empty(job.shape, job.dtype)
     transpose = job.transform in ("T", "stack_T")
     stacked = job.transform == "stack_T"
@@ -354,7 +413,7 @@ def read_param(ckpt: HFCheckpoint, job: ParamJob, block, pool=None, on_tensor=No
     def one(k):
         name = job.names[k]
         scale = job.scales[k] if job.scales else None
-        _fill(out[k] if stacked else out, ckpt, name, scale, transpose, block)
+        _fill(out[k] if stacked else out, ckpt, name, scale, transpose, block, digests)
         return ckpt.nbytes(name) + (ckpt.nbytes(scale) if scale else 0)
 
     if pool is not None and len(job.names) > 1:

@@ -6,8 +6,8 @@ Converts the Hugging Face release of DeepSeek-V3.2(-Exp) (FP8 e4m3 safetensors w
 tensor is read at a time and one layer is written at a time, so memory does not grow with the
 number of layers. Interrupted runs resume when the same command is run again.
 
-Exit status: 0 on success, 1 on a conversion error (the message names file and tensor),
-130 when interrupted. The hidden option `--_sleep-per-layer SECONDS` is a test hook (a pause
+Exit status: 0 on success, 1 on a conversion error (the message names file and tensor; a full
+disk says what is kept), 2 on a usage error, 130 when interrupted (rerunning resumes). The hidden option `--_sleep-per-layer SECONDS` is a test hook (a pause
 between saving an item and committing it, so tests can kill the process mid-item).
 """
 from __future__ import annotations
@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from dsv32_jax.cli import (EXIT_FAILED, ArgumentParser, CliError, abspath, exit_codes_epilog, int_at_least,
+                           is_disk_full, run_cli)
 
 DESCRIPTION = """\
 Stream a Hugging Face DeepSeek-V3.2 checkpoint (model.safetensors.index.json + shards +
@@ -29,21 +32,19 @@ finished layers; the manifest is marked complete only after everything is writte
 verified. A directory holding a different model or different options is refused."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+EXIT_CODES = {0: "converted (or already complete and verified)",
+              1: "conversion error: the source, the output directory or the disk (the message names the "
+                 "file and tensor; finished layers are kept, rerunning resumes)",
+              2: "usage error (a flag)",
+              130: "interrupted (finished layers are kept; run the same command again to resume)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m convert", description="dsv32-jax checkpoint conversion.")
+    parser = ArgumentParser(prog="python -m convert", description="dsv32-jax checkpoint conversion.", debug=False,
+                            epilog=exit_codes_epilog(EXIT_CODES))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     w = sub.add_parser("weights", help="convert Hugging Face safetensors weights into a sharded orbax checkpoint",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DESCRIPTION, epilog=exit_codes_epilog(EXIT_CODES))
     w.add_argument("--hf-dir", required=True, metavar="DIR",
                    help="Hugging Face checkpoint directory: config.json, model.safetensors.index.json and "
                         "the model-*.safetensors shards (read lazily, one tensor at a time)")
@@ -61,15 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "num_hidden_layers, model.layers.61 in the release); dropped by default")
     w.add_argument("--quiet", action="store_true",
                    help="no progress bars and no summary (errors are still printed)")
-    w.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+    w.add_argument("--verify-source", action="store_true",
+                   help="re-hash the source tensors of every finished layer before trusting it (one read of "
+                        "the source, no write); by default a finished layer is re-hashed only when a shard "
+                        "it came from changed size, mtime or inode since it was converted")
+    w.add_argument("--workers", type=int_at_least(1), default=None, metavar="N",
                    help="threads that dequantise/transpose experts in parallel (default: min(8, CPUs))")
     w.add_argument("--_sleep-per-layer", dest="sleep_per_layer", type=float, default=0.0,
                    help=argparse.SUPPRESS)   # test hook, see the module docstring
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _main(args) -> int:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.ERROR)   # orbax's informational logging
@@ -78,18 +82,29 @@ def main(argv=None) -> int:
     from dsv32_jax.config import ConfigError
     from dsv32_jax.safetensors_io import CheckpointError
 
+    hf_dir, out = abspath(args.hf_dir), abspath(args.out)
+    if not hf_dir.is_dir():
+        raise CliError(f"--hf-dir {hf_dir}: " + ("not a directory" if hf_dir.exists() else "does not exist"),
+                       EXIT_FAILED)
     try:
-        summary = convert_weights(args.hf_dir, args.out, args.dtype, args.keep_mtp, progress=not args.quiet,
-                                  workers=args.workers, sleep_per_layer=args.sleep_per_layer)
-    except (ConvertError, CheckpointError, ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+        summary = convert_weights(hf_dir, out, args.dtype, args.keep_mtp,
+                                  progress=not args.quiet, workers=args.workers,
+                                  sleep_per_layer=args.sleep_per_layer, verify_source=args.verify_source)
+    except (ConvertError, CheckpointError, ConfigError) as e:
+        raise CliError(str(e), EXIT_FAILED) from e
+    except OSError as e:
+        if is_disk_full(e):
+            raise CliError(f"{e}: finished layers are kept; free space and run the same command again to resume",
+                           EXIT_FAILED) from e
+        raise CliError(str(e), EXIT_FAILED) from e
     if not args.quiet:
         print(json.dumps(summary))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser(), argv, _main,
+                   interrupted="finished layers are kept; run the same command again to resume")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,31 @@ For every planned item (decoder layer i, then the globals, then the MTP head) no
 finished:
 
   1. build its parameters from the source, one at a time (`convert.read_param`), and record
-     shape, dtype and crc32 of each;
+     shape, dtype and crc32 of each, and the sha256 of every source tensor read for it (hashed
+     while it streams: no second read);
   2. save them as one orbax checkpoint into `params/<item>.partial` (uncompressed, one chunk per
      array, the host arrays referenced, not copied: the item's arrays are the only large
      allocation);
   3. read every array back (one at a time) and compare its crc32;
   4. rename `<item>.partial` -> `<item>` and record the item in the manifest (written to a
-     temporary file and renamed).
+     temporary file and renamed), with its source digests and the (size, mtime_ns, inode) of
+     the shard files it read, as they were before the read.
+
+When is a finished item trusted on a rerun (resume, or a rerun over a complete output)?
+The source must have the same fingerprint (config, tensor table, first 64 KiB of each shard;
+otherwise the directory is refused as another model's), and for each recorded item:
+  * if every shard it read still has the recorded (size, mtime_ns, inode), it is kept without
+    reading anything (the cheap check: a rerun over a finished 690 GB output stays instant);
+  * otherwise (a shard was rewritten, replaced or copied elsewhere) the item's source tensors
+    are hashed again (one read, no write) and the item is kept only if every digest matches;
+    an item whose source changed is converted again, so the output never mixes two models.
+The cheap check cannot see a shard rewritten in place to the same size with its mtime set
+back; `--verify-source` (verify_source=True) re-hashes every item's sources instead, which
+costs one full read of the source and no write. The shard stats are checked once more before
+the completion mark, so a source modified during the run is not marked complete.
+
+A full disk is checked before writing (free space against the bytes still to write) and, if it
+fills up anyway, reported with what is kept; rerunning resumes.
 
 A killed run leaves at most one `.partial` directory and orbax temporaries, which the next run
 deletes before it redoes that item; recorded items are skipped. After the last item the
@@ -37,7 +55,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from convert import ConvertError, Item, Plan, plan_conversion, read_param
+from convert import ConvertError, Item, Plan, plan_conversion, read_param, shard_stats, tensor_digest
+from dsv32_jax.cli import abspath, is_disk_full
 from dsv32_jax.config import load_config
 from dsv32_jax.converted import FORMAT, FORMAT_VERSION, MANIFEST_NAME, PARAMS_DIR, read_manifest
 from dsv32_jax.safetensors_io import CheckpointError
@@ -297,15 +316,16 @@ def _clean(ck, out: Path, man: dict) -> None:
             _remove(entry)
 
 
-def _build_and_save(ck, tmp: Path, plan: Plan, item: Item, progress: Progress, pool) -> dict:
-    """Build the item's arrays, save them to `tmp`; returns {key: {shape, dtype, crc32}}.
-    The arrays are released when this returns."""
+def _build_and_save(ck, tmp: Path, plan: Plan, item: Item, progress: Progress, pool) -> tuple[dict, dict]:
+    """Build the item's arrays, save them to `tmp`; returns ({key: {shape, dtype, crc32}},
+    {source tensor: sha256}). The arrays are released when this returns."""
     import orbax.checkpoint as ocp
 
-    arrays, meta = {}, {}
+    arrays, meta, digests = {}, {}, {}
     for job in item.jobs:
         progress.tensor_start(job.key, job.bytes_in)
-        a = read_param(plan.ckpt, job, plan.cfg.fp8_block_size, pool=pool, on_tensor=progress.advance)
+        a = read_param(plan.ckpt, job, plan.cfg.fp8_block_size, pool=pool, on_tensor=progress.advance,
+                       digests=digests)
         if a.shape != job.shape or a.dtype != job.dtype:
             raise ConvertError(f"{job.names[0]!r}: built {a.shape} {a.dtype}, planned {job.shape} {job.dtype}")
         arrays[job.key] = a
@@ -314,7 +334,13 @@ def _build_and_save(ck, tmp: Path, plan: Plan, item: Item, progress: Progress, p
     ck.save(tmp, args=ocp.args.PyTreeSave(_nest(arrays), ocdbt_target_data_file_size=0))
     arrays.clear()
     _release_free_memory()
-    return meta
+    if set(digests) != set(item.sources):
+        raise ConvertError(f"{item.name}: source digests do not cover the tensors read")
+    return meta, {n: digests[n] for n in sorted(digests)}
+
+
+def _item_files(plan: Plan, item: Item) -> list[str]:
+    return sorted({plan.ckpt.weight_map[n] for n in item.sources})
 
 
 def _write_item(ck, out: Path, plan: Plan, item: Item, man: dict, progress: Progress, pool,
@@ -324,7 +350,7 @@ def _write_item(ck, out: Path, plan: Plan, item: Item, man: dict, progress: Prog
     for p in (tmp, final):
         _remove(p)
     progress.item(item.name)
-    meta = _build_and_save(ck, tmp, plan, item, progress, pool)
+    meta, digests = _build_and_save(ck, tmp, plan, item, progress, pool)
     if sleep_per_layer:
         time.sleep(sleep_per_layer)          # test hook: a window to kill the process mid-item
     progress.phase(f"verifying {item.name}")
@@ -332,8 +358,56 @@ def _write_item(ck, out: Path, plan: Plan, item: Item, man: dict, progress: Prog
     _release_free_memory()
     os.rename(tmp, final)
     _fsync_dir(pdir)
-    man["items"][item.name] = {"params": meta, "bytes": item.bytes_out}
+    man["items"][item.name] = {"params": meta, "bytes": item.bytes_out, "source": digests,
+                               "source_files": {f: plan.stats[f] for f in _item_files(plan, item)}}
     _save_manifest(out, man)
+
+
+def _check_sources(out: Path, plan: Plan, man: dict, verify_source: bool, progress: bool) -> list[str]:
+    """Drop the recorded items whose source is not the one recorded (see the module docstring);
+    returns their names. Items recorded without source digests are dropped too."""
+    items = {i.name: i for i in plan.items}
+    now = plan.stats
+    dropped, rehashed = [], 0
+    for name, rec in list(man["items"].items()):
+        item = items.get(name)
+        digests = rec.get("source")
+        why = None
+        if item is None or not isinstance(digests, dict) or set(digests) != set(item.sources):
+            why = "no source digests recorded for it"
+        else:
+            files = rec.get("source_files") or {}
+            if verify_source or any(files.get(f) != now[f] for f in _item_files(plan, item)):
+                rehashed += 1
+                for n in item.sources:
+                    if tensor_digest(plan.ckpt, n) != digests[n]:
+                        why = (f"source tensor {n!r} ({plan.ckpt.weight_map[n]}) changed since it was "
+                               "converted")
+                        break
+                if why is None:
+                    rec["source_files"] = {f: now[f] for f in _item_files(plan, item)}
+        if why is not None:
+            dropped.append(name)
+            del man["items"][name]
+            print(f"note: {out / PARAMS_DIR / name}: {why}; converting it again", file=sys.stderr, flush=True)
+    if dropped or rehashed:
+        if dropped:
+            man["complete"] = False
+        _save_manifest(out, man)
+    if rehashed and progress:
+        print(f"note: re-hashed the source of {rehashed} finished item(s) (shard files changed or "
+              "--verify-source)", file=sys.stderr, flush=True)
+    return dropped
+
+
+def _check_space(out: Path, plan: Plan, todo: list) -> None:
+    """Refuse to start when the bytes still to write exceed the free space of `out`'s file system."""
+    need = sum(i.bytes_out for i in todo)
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise ConvertError(f"{out}: not enough free space: {len(todo)} item(s) still to write need about "
+                           f"{need / 2**30:.2f} GiB, the file system has {free / 2**30:.2f} GiB free; free "
+                           "space (or use another --out) and run the same command again")
 
 
 def _finalize(ck, out: Path, plan: Plan, man: dict) -> None:
@@ -342,22 +416,29 @@ def _finalize(ck, out: Path, plan: Plan, man: dict) -> None:
             _atomic_copy(f, out / f.name)
     atomic_write_text(out / "config.json", json.dumps(plan.out_cfg.to_hf_dict(), indent=2))
     _verify_all(ck, out, plan, man)
+    changed = sorted(f for f, st in shard_stats(plan.ckpt).items() if st != plan.stats[f])
+    if changed:
+        raise ConvertError(f"{plan.hf_dir / changed[0]}: the source changed while it was being converted; run the "
+                           "same command again: the layers read from changed files are checked and redone")
     man["complete"] = True
     _save_manifest(out, man)
 
 
 def convert_weights(hf_dir, out_dir, dtype: str = "bfloat16", keep_mtp: bool = False, *, progress: bool = True,
-                    workers: int | None = None, sleep_per_layer: float = 0.0) -> dict:
+                    workers: int | None = None, sleep_per_layer: float = 0.0, verify_source: bool = False) -> dict:
     """Convert a Hugging Face DeepSeek-V3.2 checkpoint directory into a converted directory.
 
     dtype: "bfloat16" (dequantise FP8 weights) or "float8" (keep e4m3 + block scales);
     keep_mtp: also convert the MTP layer (checkpoint layer num_hidden_layers). Running it again
-    on an interrupted output resumes; on a complete one it only re-checks. Returns a summary:
-    {"out", "dtype", "items", "written", "skipped", "bytes_in", "bytes_out", "seconds", "complete"}.
-    Raises ConvertError (file and tensor named) for anything wrong with source or output.
+    on an interrupted output resumes; on a complete one it only re-checks (items whose source
+    changed are converted again; verify_source re-hashes every item's source tensors). Paths may
+    be relative. Returns a summary: {"out", "dtype", "items", "written", "skipped",
+    "source_changed", "bytes_in", "bytes_out", "seconds", "complete"}.
+    Raises ConvertError (file and tensor named) for anything wrong with source or output,
+    including a full disk (what is kept is said; rerunning resumes).
     """
     t0 = time.time()
-    out = Path(out_dir)
+    out = abspath(out_dir)
     plan = plan_conversion(hf_dir, dtype, keep_mtp)
     if out.resolve() == plan.hf_dir.resolve():
         raise ConvertError(f"{out}: --out must differ from --hf-dir")
@@ -367,10 +448,12 @@ def convert_weights(hf_dir, out_dir, dtype: str = "bfloat16", keep_mtp: bool = F
     try:
         with _lock(out):
             _clean(ck, out, man)
+            changed = _check_sources(out, plan, man, verify_source, progress)
             todo = [i for i in plan.items if i.name not in man["items"]]
             if not todo and man.get("complete"):
                 _verify_all(ck, out, plan, man)
             else:
+                _check_space(out, plan, todo)
                 done_bytes = sum(i.bytes_in for i in plan.items if i.name in man["items"])
                 bar = Progress(plan.bytes_in, done_bytes, progress)
                 workers = workers or min(8, os.cpu_count() or 1)
@@ -380,7 +463,15 @@ def convert_weights(hf_dir, out_dir, dtype: str = "bfloat16", keep_mtp: bool = F
                             man["complete"] = False
                             _save_manifest(out, man)
                         for item in todo:
-                            _write_item(ck, out, plan, item, man, bar, pool, sleep_per_layer)
+                            try:
+                                _write_item(ck, out, plan, item, man, bar, pool, sleep_per_layer)
+                            except Exception as e:
+                                if not is_disk_full(e):
+                                    raise
+                                raise ConvertError(
+                                    f"{out}: no space left on device while writing item {item.name!r} ({e}); "
+                                    f"{len(man['items'])} of {len(plan.items)} items are finished and kept: "
+                                    "free space and run the same command again to resume") from None
                             written += 1
                 finally:
                     bar.close()
@@ -388,6 +479,6 @@ def convert_weights(hf_dir, out_dir, dtype: str = "bfloat16", keep_mtp: bool = F
     finally:
         ck.close()
     return {"out": str(out), "dtype": dtype, "items": len(plan.items), "written": written,
-            "skipped": len(plan.items) - written, "bytes_in": plan.bytes_in,
+            "skipped": len(plan.items) - written, "source_changed": changed, "bytes_in": plan.bytes_in,
             "bytes_out": sum(i.bytes_out for i in plan.items), "seconds": round(time.time() - t0, 3),
             "complete": True}

@@ -20,9 +20,13 @@ kernels plus their float32 `*_scale` tiles, so it loads with `fp8_weights=True`.
 
 `load_converted` builds the model's abstract state and restores every item straight into the
 requested shardings and dtype (orbax casts on read), so no host ever holds the whole model.
+A "float8" checkpoint loaded with fp8_weights=False is dequantised item by item on the devices
+(the same float32 tile products, rounded once to the compute dtype, as the FP8 forward uses).
+Paths may be relative: they are made absolute here (orbax needs absolute paths).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,7 +34,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv32_jax.cli import abspath
 from dsv32_jax.config import load_config
+from dsv32_jax.numerics import dequant_blocks
 from dsv32_jax.params import build_abstract, path_str
 from dsv32_jax.safetensors_io import CheckpointError
 
@@ -117,22 +123,34 @@ def _flat_shardings(shardings, paths):
     return flat
 
 
-def restore_state(path, options, shardings=None, cfg=None):
+def _replicated(s):
+    """A sharding on the same devices as `s` that keeps the whole (small) array on each."""
+    if isinstance(s, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+    return s
+
+
+def restore_state(path, options, shardings=None, cfg=None, progress=None):
     """(graphdef, state) of the model described by `options`, restored from a converted directory.
 
     shardings: None (every array on the default device), one Sharding, {path: Sharding}, or a
     pytree like the abstract state with Sharding leaves; with `options.mesh` set and no
     shardings, the logical-axis rules of dsv32_jax.sharding decide. Arrays are cast to the
-    dtypes of the abstract state while they are read.
+    dtypes of the abstract state while they are read. A "float8" checkpoint restored with
+    options.fp8_weights=False is dequantised on the devices (e4m3 kernel x its block scales).
+    progress: called as progress(item name, items done, items total) after each item.
     """
     import orbax.checkpoint as ocp
 
-    path = Path(path)
+    path = abspath(path)
     man = read_manifest(path)
     if not man.get("complete"):
         raise CheckpointError(f"{path}: the conversion is incomplete (it was interrupted or is still "
                               "running); run the same `python -m convert weights` command again to finish it")
     cfg = cfg or load_config(path)
+    dequant = man["dtype"] == "float8" and not options.fp8_weights
+    if dequant and cfg.fp8_block_size is None:
+        raise CheckpointError(f"{path / 'config.json'}: a float8 conversion without quantization_config")
     graphdef, state = build_abstract(cfg, options)
     flat = nnx.to_flat_state(state)
     paths = [tuple(p) for p, _ in flat]
@@ -148,9 +166,23 @@ def restore_state(path, options, shardings=None, cfg=None):
     groups: dict[str, list] = {}
     for p, var in flat:
         groups.setdefault(item_of(p)[0], []).append((tuple(p), var))
+    stored_abstract = {}
+    if dequant:      # shapes/dtypes as stored: e4m3 kernels + float32 block scales
+        _, f8_state = build_abstract(cfg, dataclasses.replace(options, fp8_weights=True))
+        stored_abstract = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(f8_state)}
+    block_ours = tuple(reversed(cfg.fp8_block_size)) if dequant else None   # our kernels are [in, out]
+    dequant_fns = {}
+
+    def dequantise(k, sc, sharding, dtype):
+        key = (sharding, jnp.dtype(dtype))
+        if key not in dequant_fns:
+            dequant_fns[key] = jax.jit(lambda a, b: dequant_blocks(a, b, block_ours).astype(dtype),
+                                       out_shardings=sharding)
+        return dequant_fns[key](k, sc)
+
     ckptr = ocp.StandardCheckpointer()
     try:
-        for item, members in groups.items():
+        for n_done, (item, members) in enumerate(groups.items(), 1):
             rec = man["items"].get(item)
             item_dir = path / PARAMS_DIR / item
             if rec is None or not item_dir.is_dir():
@@ -158,6 +190,16 @@ def restore_state(path, options, shardings=None, cfg=None):
                 raise CheckpointError(f"{path}: the converted checkpoint has no item {item!r}{hint}")
             stored = rec["params"]
             target: dict = {}
+            used = set()
+            scaled = {}            # path -> sub path of its block scale (dequantised on load)
+
+            def add(sub, shape, dtype, sharding):
+                node = target
+                for k in sub[:-1]:
+                    node = node.setdefault(str(k), {})
+                node[str(sub[-1])] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+                used.add(item_key(sub))
+
             for p, var in members:
                 sub = item_of(p)[1]
                 key = item_key(sub)
@@ -168,36 +210,53 @@ def restore_state(path, options, shardings=None, cfg=None):
                 if tuple(stored[key]["shape"]) != tuple(v.shape):
                     raise CheckpointError(f"{item_dir}: parameter {path_str(p)} has shape {stored[key]['shape']}, "
                                           f"the model expects {tuple(v.shape)}")
-                node = target
-                for k in sub[:-1]:
-                    node = node.setdefault(str(k), {})
-                node[str(sub[-1])] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[p])
-            extra = sorted(set(stored) - {item_key(item_of(p)[1]) for p, _ in members})
+                scale_p = p[:-1] + (f"{p[-1]}_scale",)
+                if dequant and scale_p in stored_abstract:
+                    ssub = item_of(scale_p)[1]
+                    sv = stored_abstract[scale_p]
+                    add(sub, v.shape, stored_abstract[p].dtype, sh[p])
+                    add(ssub, sv.shape, sv.dtype, _replicated(sh[p]))
+                    scaled[p] = ssub
+                else:
+                    add(sub, v.shape, v.dtype, sh[p])
+            extra = sorted(set(stored) - used)
             if extra:
                 raise CheckpointError(f"{item_dir}: holds parameter {extra[0]!r}, which this model "
                                       "does not have (converted by an incompatible version?)")
             restored = ckptr.restore(item_dir, target)
-            for p, var in members:
+
+            def get(sub):
                 node = restored
-                for k in item_of(p)[1]:
+                for k in sub:
                     node = node[str(k)]
-                var.set_value(node)
+                return node
+
+            for p, var in members:
+                value = get(item_of(p)[1])
+                if p in scaled:
+                    value = dequantise(value, get(scaled[p]), sh[p], var.get_value().dtype)
+                var.set_value(value)
+            del restored
+            if progress is not None:
+                progress(item, n_done, len(groups))
     finally:
         ckptr.close()
     return graphdef, nnx.from_flat_state(flat)
 
 
 def load_converted(path, *, dtype=jnp.bfloat16, attention_impl: str = "xla", numerics: str = "reference",
-                   mtp: bool = False, fp8_weights: bool | None = None, mesh=None, shardings=None):
+                   mtp: bool = False, fp8_weights: bool | None = None, mesh=None, shardings=None, progress=None):
     """Build a Transformer from a converted directory.
 
-    A "float8" checkpoint always loads with fp8_weights=True (e4m3 kernels + scales); a
-    "bfloat16" one cannot (its weights are already dequantised). dtype is the compute dtype the
-    kernels are cast to on read. mesh / shardings: see `restore_state`.
+    fp8_weights: None (default) loads the weights as stored: a "float8" checkpoint with
+    fp8_weights=True (e4m3 kernels + scales), a "bfloat16" one dequantised. False on a "float8"
+    checkpoint dequantises on load (kernels in `dtype`); True on a "bfloat16" one is an error
+    (its weights are already dequantised). dtype is the compute dtype the kernels are cast to
+    on read. mesh / shardings / progress: see `restore_state`.
     """
     from dsv32_jax.model import RuntimeOptions
 
-    path = Path(path)
+    path = abspath(path)
     man = read_manifest(path)
     is_f8 = man["dtype"] == "float8"
     if fp8_weights and not is_f8:
@@ -208,6 +267,6 @@ def load_converted(path, *, dtype=jnp.bfloat16, attention_impl: str = "xla", num
                               "(convert with --keep-mtp)")
     kw = {} if mesh is None else {"mesh": mesh}
     options = RuntimeOptions(dtype=jnp.dtype(dtype), numerics=numerics, attention_impl=attention_impl,
-                             fp8_weights=is_f8, mtp=mtp, **kw)
-    graphdef, state = restore_state(path, options, shardings)
+                             fp8_weights=is_f8 if fp8_weights is None else bool(fp8_weights), mtp=mtp, **kw)
+    graphdef, state = restore_state(path, options, shardings, progress=progress)
     return nnx.merge(graphdef, state)

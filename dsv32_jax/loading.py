@@ -6,14 +6,13 @@ A Hugging Face directory (config.json + safetensors, bf16/fp32 or the FP8 releas
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from dsv32_jax.cli import abspath
 from dsv32_jax.config import ModelConfig, load_config
 from dsv32_jax.model import RuntimeOptions, Transformer
 from dsv32_jax.numerics import dequant_blocks
@@ -95,14 +94,17 @@ class Model:
 
 
 def load_hf(path, options: RuntimeOptions, cfg: ModelConfig | None = None, progress=None) -> Transformer:
-    """Build a Transformer from a Hugging Face checkpoint directory."""
-    path = Path(path)
+    """Build a Transformer from a Hugging Face checkpoint directory.
+
+    progress: called as progress(parameter path, parameters done, parameters total) after each."""
+    path = abspath(path)
     cfg = cfg or load_config(path)
     ckpt = HFCheckpoint(path)
     graphdef, state = build_abstract(cfg, options)
     mesh = options.mesh
     flat = nnx.to_flat_state(state)
-    for p, var in flat:
+    total = len(flat)
+    for n_done, (p, var) in enumerate(flat, 1):
         v = var.get_value()
         axes = var.get_metadata().get("axes")
         info = ParamInfo(tuple(v.shape), np.dtype(v.dtype), axes)
@@ -112,12 +114,12 @@ def load_hf(path, options: RuntimeOptions, cfg: ModelConfig | None = None, progr
         else:   # each device receives only its shard of the host array
             var.set_value(put(value, NamedSharding(mesh, spec_for(axes, info.shape, mesh))))
         if progress is not None:
-            progress(path_str(p))
+            progress(path_str(p), n_done, total)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def load(path, dtype=jnp.bfloat16, attention_impl: str = "auto", *, numerics: str = "reference",
-         mtp: bool = False, fp8_weights: bool = False, mesh=None) -> Model:
+         mtp: bool = False, fp8_weights: bool | None = None, mesh=None, progress=None) -> Model:
     """Load a checkpoint directory (Hugging Face layout) into a ready-to-call model.
 
     dtype: parameter/activation dtype (float32 for exact comparisons, bfloat16 for speed).
@@ -125,16 +127,22 @@ def load(path, dtype=jnp.bfloat16, attention_impl: str = "auto", *, numerics: st
         "pallas" (backend kernels), "interpret" (kernels in Pallas interpret mode).
     numerics: "reference" (the official FP8 simulations) or "exact".
     mtp: also load the multi-token-prediction head (checkpoint layer num_hidden_layers).
-    fp8_weights: keep FP8 weights as e4m3 + block scales.
+    fp8_weights: keep FP8 weights as e4m3 + block scales (True) or dequantise them (False).
+        None (default): as the checkpoint stores them, i.e. True only for a converted
+        `--dtype float8` directory.
     mesh: a mesh string such as "data=2,expert=4" (see dsv32_jax.sharding) or a Mesh: every
         parameter is placed straight into its shards by the logical-axis rules.
+    progress: called as progress(name, done, total) while loading (parameters of a Hugging
+        Face directory, items of a converted one).
+    path may be relative.
     """
+    path = abspath(path)
     mesh = make_mesh(mesh)
     from dsv32_jax import converted
 
     if converted.is_converted(path):   # written by `python -m convert weights` (float8 => fp8_weights)
         return Model(converted.load_converted(path, dtype=dtype, attention_impl=attention_impl, numerics=numerics,
-                                              mtp=mtp, fp8_weights=fp8_weights, mesh=mesh))
+                                              mtp=mtp, fp8_weights=fp8_weights, mesh=mesh, progress=progress))
     options = RuntimeOptions(dtype=jnp.dtype(dtype), numerics=numerics, attention_impl=attention_impl,
-                             fp8_weights=fp8_weights, mtp=mtp, mesh=mesh)
-    return Model(load_hf(path, options))
+                             fp8_weights=bool(fp8_weights), mtp=mtp, mesh=mesh)
+    return Model(load_hf(path, options, progress=progress))

@@ -8,13 +8,13 @@ The verdict keeps 10% of the device memory free for activations and workspace.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 
 import jax.numpy as jnp
 
+from dsv32_jax.cli import ArgumentParser, CliError, abspath, check_mesh, exit_codes_epilog, int_at_least, run_cli
 from dsv32_jax.config import ModelConfig, load_config
 from dsv32_jax.model import RuntimeOptions
 from dsv32_jax.params import abstract_params, is_quant_scale
@@ -81,24 +81,39 @@ def plan(cfg: ModelConfig, mesh: str, *, max_len: int, batch: int, fp8_weights: 
 
 
 def _memory(arg: str | None) -> float | None:
+    """--device: a device name or a size ("141GB", "95GiB", "80" = GiB); CliError names the flag."""
     if arg is None:
         return None
     a = arg.strip().lower()
     if a in DEVICES:
         return DEVICES[a]
-    for suffix, mult in (("gib", 1.0), ("gb", 1e9 / GiB)):
+    num, mult = a, 1.0
+    for suffix, m in (("gib", 1.0), ("gb", 1e9 / GiB)):
         if a.endswith(suffix):
-            return float(a[: -len(suffix)]) * mult
-    return float(a)
+            num, mult = a[: -len(suffix)], m
+            break
+    try:
+        value = float(num) * mult
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise CliError(f"--device {arg!r}: not a known device ({', '.join(DEVICES)}) nor a memory size "
+                       "such as 141GB or 95GiB")
+    return value
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dsv32_jax.plan", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+EXIT_CODES = {0: "the plan was computed (with --device: the model fits)",
+              1: "with --device: the model does not fit in the device memory",
+              2: "bad input (a flag, or the config file)"}
+
+
+def build_parser():
+    ap = ArgumentParser(prog="python -m dsv32_jax.plan", description=__doc__, epilog=exit_codes_epilog(EXIT_CODES))
     ap.add_argument("--config", required=True, help="a Hugging Face config.json (or a checkpoint directory)")
     ap.add_argument("--mesh", default="", help='mesh axes, e.g. "expert=8,tensor=4" (axes: data, fsdp, expert, tensor)')
-    ap.add_argument("--max-len", type=int, default=131072, help="cache length in tokens per sequence (default 131072)")
-    ap.add_argument("--batch", type=int, default=1, help="sequences decoded at once (default 1)")
+    ap.add_argument("--max-len", type=int_at_least(1), default=131072,
+                    help="cache length in tokens per sequence (default 131072)")
+    ap.add_argument("--batch", type=int_at_least(1), default=1, help="sequences decoded at once (default 1)")
     ap.add_argument("--weights", choices=("fp8", "bf16"), default="fp8",
                     help="fp8: e4m3 weights + block scales as released; bf16: dequantised (default fp8)")
     ap.add_argument("--numerics", choices=("reference", "exact"), default="reference",
@@ -107,15 +122,23 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None,
                     help=f"device memory: a name ({', '.join(DEVICES)}) or a size such as 141GB or 95GiB")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _main(args) -> int:
+    check_mesh("--mesh", args.mesh)
+    memory = _memory(args.device)
+    path = abspath(args.config)
     try:
-        cfg = load_config(args.config)
-        fp8 = args.weights == "fp8" and cfg.fp8_block_size is not None
-        out = plan(cfg, args.mesh, max_len=args.max_len, batch=args.batch, fp8_weights=fp8, numerics=args.numerics,
-                   mtp=args.mtp, device_memory_gib=_memory(args.device))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cfg = load_config(path)
+    except FileNotFoundError:
+        raise CliError(f"--config: {path} not found" if not path.is_dir() else
+                       f"--config: {path / 'config.json'} not found") from None
+    except ValueError as e:         # ConfigError names the file and the field
+        raise CliError(f"--config: {e}") from None
+    fp8 = args.weights == "fp8" and cfg.fp8_block_size is not None
+    out = plan(cfg, args.mesh, max_len=args.max_len, batch=args.batch, fp8_weights=fp8, numerics=args.numerics,
+               mtp=args.mtp, device_memory_gib=memory)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -127,7 +150,11 @@ def main(argv=None) -> int:
               f"({out['batch']} x {out['max_len']} tokens, {out['cache_bytes_per_token_per_layer']} B/token/layer)")
         if "verdict" in out:
             print(f"  {out['verdict']}")
-    return 0
+    return 0 if out.get("fits", True) else 1
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser(), argv, _main)
 
 
 if __name__ == "__main__":

@@ -28,24 +28,39 @@ from dsv32_jax.generate.chat import encode_messages
 MODES = ("pack", "pad")
 
 
+def read_jsonl_lines(path) -> list[tuple[int, list[dict]]]:
+    """[(line number, conversation)] of a JSONL file; blank lines are skipped. ValueError names
+    the file and line (missing file, not UTF-8, not JSON, not a list of messages, no lines)."""
+    convs = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                msgs = obj.get("messages") if isinstance(obj, dict) else obj
+                if not isinstance(msgs, list) or not msgs or \
+                        not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
+                    raise ValueError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\": ..., ...}}, ...]}} "
+                                     "(a non-empty list of messages, each with a string 'role')")
+                convs.append((lineno, msgs))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a JSONL file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    if not convs:
+        raise ValueError(f"{path}: no conversations (the file is empty)")
+    return convs
+
+
 def read_jsonl(path) -> list[list[dict]]:
     """The conversations (lists of messages) of a JSONL file; blank lines are skipped."""
-    convs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            msgs = obj.get("messages") if isinstance(obj, dict) else obj
-            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
-                raise ValueError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\": ..., ...}}]}}")
-            convs.append(msgs)
-    if not convs:
-        raise ValueError(f"{path}: no conversations")
-    return convs
+    return [c for _, c in read_jsonl_lines(path)]
 
 
 def message_pieces(messages: list[dict], thinking_mode: str = "chat") -> list[tuple[str, str]]:
@@ -112,23 +127,61 @@ class Batch:
         return {"inputs": self.inputs, "targets": self.targets, "weights": self.weights}
 
 
+@dataclasses.dataclass(frozen=True)
+class DataStats:
+    """What the rows keep of a file's conversations.
+
+    conversations; with_targets: those with at least one assistant token; target_tokens:
+    assistant tokens in the conversations; kept_targets: those that are training targets in
+    the rows; longest: tokens of the longest conversation; over_length: conversations longer
+    than a row (seq_len + 1 tokens); first_target: the smallest position of a first assistant
+    token (None without any).
+    """
+    conversations: int
+    with_targets: int
+    target_tokens: int
+    kept_targets: int
+    longest: int
+    over_length: int
+    first_target: int | None
+
+
 class ChatDataset:
     """Fixed rows of a chat JSONL file, served in a deterministic shuffled order by position."""
 
-    def __init__(self, tokens: np.ndarray, mask: np.ndarray, *, seed: int = 0, shuffle: bool = True):
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, *, seed: int = 0, shuffle: bool = True,
+                 stats: DataStats | None = None):
         self.tokens, self.mask = tokens, mask
         self.seed, self.shuffle = seed, shuffle
+        self.stats = stats
         self._perms: dict[int, np.ndarray] = {}
 
     @classmethod
     def from_jsonl(cls, path, tokenizer, *, seq_len: int, mode: str = "pack", thinking_mode: str = "chat",
                    seed: int = 0, shuffle: bool = True, vocab_size: int | None = None):
-        examples = [encode_conversation(c, tokenizer, thinking_mode) for c in read_jsonl(path)]
+        """Rows of a JSONL file; ValueError names the file and line of a conversation the chat
+        template cannot render (unknown role, bad field). `stats` says what the rows keep."""
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        examples = []
+        for lineno, conv in read_jsonl_lines(path):
+            try:
+                examples.append(encode_conversation(conv, tokenizer, thinking_mode))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                detail = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                raise ValueError(f"{path}:{lineno}: cannot render the conversation with the chat template: "
+                                 f"{detail}") from None
         tokens, mask = build_rows(examples, seq_len, mode, tokenizer.eos_id)
+        firsts = [int(np.argmax(m > 0)) for _, m in examples if m.any()]
+        stats = DataStats(conversations=len(examples), with_targets=len(firsts),
+                          target_tokens=int(sum(m.sum() for _, m in examples)),
+                          kept_targets=int(mask[:, 1:].sum()), longest=max(len(i) for i, _ in examples),
+                          over_length=sum(len(i) > seq_len + 1 for i, _ in examples),
+                          first_target=min(firsts) if firsts else None)
         if vocab_size is not None and tokens.max() >= vocab_size:
             raise ValueError(f"{path}: token id {int(tokens.max())} is outside the model's vocabulary "
                              f"({vocab_size}); the tokenizer does not match the checkpoint")
-        return cls(tokens, mask, seed=seed, shuffle=shuffle)
+        return cls(tokens, mask, seed=seed, shuffle=shuffle, stats=stats)
 
     def __len__(self) -> int:
         return len(self.tokens)

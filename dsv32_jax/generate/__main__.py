@@ -13,13 +13,17 @@ thinking (--thinking) or chat mode. --raw feeds --prompt as plain text after BOS
 Text streams to stdout (progress goes to stderr); --json prints one JSON object instead:
 prompt and generated ids, text, finish reason and, for chat prompts, the parsed message.
 
+Everything about the request (flags, --chat file, prompt ids, the context limit, sampling
+fields of generation_config.json) is checked before the model is loaded; a prompt plus
+--max-new-tokens longer than the model's context (max_position_embeddings in config.json) is
+refused. Without a tokenizer (--prompt-ids), the generated ids are printed, comma-separated.
+
 --demo builds a tiny random model (configs/tiny.json: 2 layers, the real 129,280-token
 vocabulary) with the real DeepSeek-V3.2 tokenizer in a temporary directory and runs the normal
 load -> chat template -> prefill -> decode -> parse path on it (its output text is random).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -29,22 +33,25 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from dsv32_jax.cli import (ArgumentParser, CliError, LoadProgress, abspath, check_checkpoint_dir, check_mesh,
+                           exit_codes_epilog, float_in, int_at_least, run_cli)
+
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny.json"
 DEMO_MESSAGES = [{"role": "system", "content": "You are a helpful assistant."},
                  {"role": "user", "content": "What is DeepSeek Sparse Attention?"}]
 
 
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
+EXIT_CODES = {0: "generated", 1: "the generation failed (the message says why)",
+              2: "bad input: a flag, the --chat file, the prompt, or the checkpoint directory",
+              130: "interrupted"}
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dsv32_jax.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m dsv32_jax.generate", description=__doc__, epilog=exit_codes_epilog(EXIT_CODES))
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="one user message (chat template), or plain text with --raw")
     src.add_argument("--chat", metavar="FILE.json", help="OpenAI-style messages (list or {'messages': [...]})")
@@ -53,10 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--demo", action="store_true", help="build a tiny random model with the real tokenizer and run it")
     p.add_argument("--thinking", action="store_true", help="thinking mode of the chat template (default: chat mode)")
     p.add_argument("--raw", action="store_true", help="--prompt is plain text (BOS + text), no chat template")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default 256 (48 with --demo)")
-    p.add_argument("--temperature", type=float, help="0 = greedy (default: generation_config.json, else 1.0)")
-    p.add_argument("--top-p", type=float, help="nucleus mass (default: generation_config.json, else 0.95)")
-    p.add_argument("--top-k", type=int, help="0 = off (default: generation_config.json, else 0)")
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=None, help="default 256 (48 with --demo)")
+    p.add_argument("--temperature", type=float_in(0.0),
+                   help="0 = greedy (default: generation_config.json, else 1.0)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True),
+                   help="nucleus mass in (0, 1] (default: generation_config.json, else 0.95)")
+    p.add_argument("--top-k", type=int_at_least(0), help="0 = off (default: generation_config.json, else 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--stop", action="append", default=[], metavar="STR", help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
@@ -67,34 +76,51 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto (default): pallas on TPU/GPU, xla on CPU; xla: plain XLA ops; pallas: the TPU/GPU "
                         "kernels; interpret: kernels in interpret mode")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "data=2,expert=4"')
-    p.add_argument("--prefill-chunk", type=int, default=256,
+    p.add_argument("--prefill-chunk", type=int_at_least(1), default=256,
                    help="longest prompt chunk per prefill call; longer prompts are prefilled in chunks (default 256)")
     p.add_argument("--json", action="store_true", help="print ids and text as one JSON object")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(args) -> None:
+    """Flag combinations (CliError naming the flag); fills the --max-new-tokens default."""
     if args.demo:
         if args.ckpt:
-            p.error("--demo builds its own checkpoint; do not pass --ckpt")
+            raise CliError("--demo builds its own checkpoint; do not pass --ckpt")
     elif not args.ckpt:
-        p.error("--ckpt DIR is required (or --demo)")
+        raise CliError("--ckpt DIR is required (or --demo)")
     elif args.prompt is None and args.chat is None and args.prompt_ids is None:
-        p.error("one of --prompt, --chat, --prompt-ids is required")
+        raise CliError("one of --prompt, --chat, --prompt-ids is required")
     if args.raw and args.prompt is None:
-        p.error("--raw applies to --prompt only")
+        raise CliError("--raw applies to --prompt only")
+    if any(not s for s in args.stop):
+        raise CliError("--stop: an empty stop string would stop at once")
     if args.max_new_tokens is None:
         args.max_new_tokens = 48 if args.demo else 256
-    if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be >= 1")
+    check_mesh("--mesh", args.mesh)
+
+
+def parse_args(argv=None):
+    """Parsed and checked arguments (argparse exits with status 2 on a usage error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except CliError as e:
+        parser.error(str(e))
     return args
 
 
 def read_messages(path) -> list:
     """Messages from a --chat file; errors name the file and the field."""
-    path = Path(path)
+    path = abspath(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CliError(f"--chat: no such file {path}") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise CliError(f"--chat: {path} is a directory, not a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CliError(f"{path}: not valid JSON ({e})") from None
     if isinstance(data, dict):
         if "messages" not in data:
@@ -128,53 +154,62 @@ def build_demo_checkpoint(out_dir, dtype=jnp.float32) -> Path:
     return save_hf(module, out, extra_files={"generation_config.json": json.dumps(gen_cfg, indent=2)})
 
 
-def load_model(ckpt, args):
-    """(Transformer module, tokenizer or None) from a HF or converted checkpoint directory."""
-    from dsv32_jax.converted import is_converted, load_converted
-    from dsv32_jax.generate.tokenizer import load_tokenizer
+def load_model(ckpt: Path, args):
+    """The Transformer module of a checkpoint directory already checked by check_checkpoint_dir."""
     from dsv32_jax.loading import load
-    from dsv32_jax.sharding import make_mesh
+    from dsv32_jax.safetensors_io import CheckpointError
 
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise CliError(f"--ckpt: {ckpt} is not a directory")
-    if not (ckpt / "config.json").is_file():
-        raise CliError(f"--ckpt: {ckpt / 'config.json'} not found (not a checkpoint directory)")
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    mesh = make_mesh(args.mesh)
-    kw = dict(dtype=jnp.dtype(dtype), attention_impl=args.attention_impl, numerics=args.numerics, mesh=mesh)
     t0 = time.perf_counter()
-    if is_converted(ckpt):
-        module = load_converted(ckpt, **kw)
-    else:
-        module = load(ckpt, **kw).module
-    _log(f"loaded {ckpt} ({dtype}, {args.numerics} numerics) in {time.perf_counter() - t0:.1f}s")
+    bar = LoadProgress(f"loading {ckpt.name}")
     try:
-        tok = load_tokenizer(ckpt)
+        module = load(ckpt, dtype=jnp.dtype(dtype), attention_impl=args.attention_impl, numerics=args.numerics,
+                      mesh=args.mesh, progress=bar).module
+    except CheckpointError as e:       # a missing / truncated / inconsistent tensor, named by the loader
+        raise CliError(f"--ckpt: {e}") from None
+    finally:
+        bar.close()
+    _log(f"loaded {ckpt} ({dtype}, {args.numerics} numerics) in {time.perf_counter() - t0:.1f}s")
+    return module
+
+
+def load_tok(ckpt: Path, args):
+    """The tokenizer of the checkpoint, or None for --prompt-ids without one."""
+    from dsv32_jax.generate.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(ckpt)
     except FileNotFoundError:
         if args.prompt_ids is None:
             raise CliError(f"--ckpt: {ckpt / 'tokenizer.json'} not found; text prompts need the tokenizer "
                            "(use --prompt-ids for a checkpoint without one)") from None
-        tok = None
-    return module, tok
+        return None
+    except Exception as e:  # noqa: BLE001 - a tokenizer file the tokenizers library cannot read
+        raise CliError(f"--ckpt: {ckpt / 'tokenizer.json'}: cannot be read ({e})") from None
 
 
-def build_prompt(args, tok) -> tuple[list[int], str | None]:
-    """(prompt ids, chat thinking mode or None for raw/ids prompts)."""
+def parse_prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise CliError("--prompt-ids: no ids given")
+    return ids
+
+
+def build_prompt(args, tok, messages=None) -> tuple[list[int], str | None]:
+    """(prompt ids, chat thinking mode or None for raw/ids prompts). `messages`: the --chat
+    file's messages when already read."""
     from dsv32_jax.generate.chat import BOS, encode_messages
 
     mode = "thinking" if args.thinking else "chat"
     if args.prompt_ids is not None:
-        try:
-            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
-        except ValueError:
-            raise CliError(f"--prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}") from None
-        if not ids:
-            raise CliError("--prompt-ids: no ids given")
-        return ids, None
+        return parse_prompt_ids(args.prompt_ids), None
     if args.raw:
         return tok.encode(BOS + args.prompt), None
-    messages = read_messages(args.chat) if args.chat else [{"role": "user", "content": args.prompt}]
+    if messages is None:
+        messages = read_messages(args.chat) if args.chat else [{"role": "user", "content": args.prompt}]
     try:
         text = encode_messages(messages, thinking_mode=mode)
     except (ValueError, KeyError, TypeError) as e:
@@ -182,23 +217,53 @@ def build_prompt(args, tok) -> tuple[list[int], str | None]:
     return tok.encode(text), mode
 
 
+def prepare(args, ckpt: Path) -> dict:
+    """Everything but the model: config, tokenizer, prompt ids, sampling, EOS ids; every input
+    check happens here, before the (slow) model load, the cheap ones before the tokenizer loads."""
+    from dsv32_jax.generate.sampling import eos_ids_from_config, sampling_defaults
+
+    cfg = check_checkpoint_dir(ckpt)
+    try:
+        sampling = sampling_defaults(ckpt).replace(temperature=args.temperature, top_p=args.top_p,
+                                                   top_k=args.top_k, seed=args.seed)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    messages = read_messages(args.chat) if args.chat else None
+    if args.prompt_ids is not None:
+        _check_ids(args, ckpt, cfg, parse_prompt_ids(args.prompt_ids))
+    tok = load_tok(ckpt, args)
+    ids, mode = build_prompt(args, tok, messages)
+    _check_ids(args, ckpt, cfg, ids)
+    try:
+        eos = eos_ids_from_config(ckpt, tok.eos_id if tok is not None else cfg.eos_token_id)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    return {"cfg": cfg, "tok": tok, "ids": ids, "mode": mode, "sampling": sampling, "eos": eos}
+
+
+def _check_ids(args, ckpt: Path, cfg, ids: list[int]) -> None:
+    """Prompt ids inside the vocabulary, prompt + --max-new-tokens inside the context."""
+    vocab = cfg.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise CliError(f"{'--prompt-ids' if args.prompt_ids else 'prompt'}: ids {bad[:5]} are outside the "
+                       f"vocabulary [0, {vocab})")
+    limit = cfg.max_position_embeddings
+    if len(ids) + args.max_new_tokens > limit:
+        raise CliError(f"the prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} = "
+                       f"{len(ids) + args.max_new_tokens} tokens exceeds the model's context of {limit} tokens "
+                       f"(max_position_embeddings in {ckpt / 'config.json'}); shorten the prompt or lower "
+                       "--max-new-tokens")
+
+
 def run(args) -> dict:
     from dsv32_jax.generate.chat import parse_completion
     from dsv32_jax.generate.engine import Engine
-    from dsv32_jax.generate.sampling import eos_ids_from_config, sampling_defaults
 
-    module, tok = load_model(args.ckpt, args)
-    vocab = module.cfg.vocab_size
-    ids, mode = build_prompt(args, tok)
-    bad = [i for i in ids if not 0 <= i < vocab]
-    if bad:
-        raise CliError(f"prompt ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-    try:
-        sampling = sampling_defaults(args.ckpt).replace(temperature=args.temperature, top_p=args.top_p,
-                                                        top_k=args.top_k, seed=args.seed)
-        eos = eos_ids_from_config(args.ckpt, tok.eos_id if tok is not None else module.cfg.eos_token_id)
-    except ValueError as e:
-        raise CliError(str(e)) from None
+    ckpt = abspath(args.ckpt)
+    req = prepare(args, ckpt)
+    tok, ids, mode, sampling = req["tok"], req["ids"], req["mode"], req["sampling"]
+    module = load_model(ckpt, args)
     engine = Engine(module, prefill_chunk=args.prefill_chunk)
     stream = not args.json and tok is not None
     t0 = time.perf_counter()
@@ -216,7 +281,9 @@ def run(args) -> dict:
     _log(f"prompt: {len(ids)} tokens; sampling: "
          + ("greedy" if sampling.greedy else f"temperature={sampling.temperature} top_p={sampling.top_p} "
             f"top_k={sampling.top_k} seed={sampling.seed}"))
-    comp = engine.generate([ids], max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=eos,
+    _log("compiling prefill and decode for this prompt length (the first call of a process; "
+         + ("about 10 s for the demo on CPU" if args.demo else "seconds to minutes with the model size") + ") ...")
+    comp = engine.generate([ids], max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=req["eos"],
                            stop_strings=args.stop, tokenizer=tok, on_text=on_text if tok is not None else None)[0]
     t1 = time.perf_counter()
     if stream:
@@ -235,40 +302,40 @@ def run(args) -> dict:
             result["message"] = parse_completion(comp.text, mode)
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
+    elif tok is None:
+        print(",".join(str(i) for i in comp.token_ids))
     elif mode is not None and not stream:
         print(json.dumps(result["message"], ensure_ascii=False))
     return result
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def _main(args) -> int:
+    check_args(args)
     if args.mesh:     # multi-host: join the distributed runtime before any device is touched
         from dsv32_jax.sharding import maybe_initialize_distributed
         maybe_initialize_distributed()
+        check_mesh("--mesh", args.mesh, devices=jax.device_count())
     t0 = time.perf_counter()
-    try:
-        if args.demo:
-            with tempfile.TemporaryDirectory(prefix="dsv32-demo-") as tmp:
-                _log("demo: building a tiny random model (configs/tiny.json) with the DeepSeek-V3.2 tokenizer")
-                build_demo_checkpoint(tmp)
-                args.ckpt = tmp
-                if args.prompt is None and args.chat is None and args.prompt_ids is None:
-                    path = Path(tmp) / "demo_chat.json"
-                    path.write_text(json.dumps(DEMO_MESSAGES))
-                    args.chat = str(path)
-                result = run(args)
-                if not args.json and "message" in result:
-                    _log("parsed reply: " + json.dumps(result["message"], ensure_ascii=False)[:300])
-        else:
-            run(args)
-    except CliError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.demo:
+        with tempfile.TemporaryDirectory(prefix="dsv32-demo-") as tmp:
+            _log("demo: building a tiny random model (configs/tiny.json) with the DeepSeek-V3.2 tokenizer")
+            build_demo_checkpoint(tmp)
+            args.ckpt = tmp
+            if args.prompt is None and args.chat is None and args.prompt_ids is None:
+                path = Path(tmp) / "demo_chat.json"
+                path.write_text(json.dumps(DEMO_MESSAGES))
+                args.chat = str(path)
+            result = run(args)
+            if not args.json and "message" in result:
+                _log("parsed reply: " + json.dumps(result["message"], ensure_ascii=False))
+    else:
+        run(args)
     _log(f"total {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser(), argv, _main, interrupted="generation stopped; nothing was written")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import dsv32_jax
-from dsv32_jax.finetune.__main__ import run
+from dsv32_jax.cli import CliError
+from dsv32_jax.finetune.__main__ import build_parser, prepare, run
 from dsv32_jax.finetune.data import ChatDataset, build_rows, encode_conversation, message_pieces
 from dsv32_jax.finetune.lora import load_peft
 from dsv32_jax.generate.chat import encode_messages
@@ -89,18 +90,34 @@ def test_rows_and_deterministic_positions(tok, data_file):
 
 def _args(ckpt, data, out, *extra):
     return ["--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--rank", "4", "--alpha", "8",
-            "--lr", "1e-2", "--steps", "6", "--warmup", "1", "--batch", "2", "--seq-len", "24",
+            "--lr", "1e-2", "--steps", "8", "--warmup", "1", "--batch", "2", "--seq-len", "24",
             "--dropout", "0.1", "--targets", "attn,shared", "--dtype", "float32", "--save-every", "2",
             "--eval-every", "3", "--quiet", *extra]
 
 
-def test_cli_resume_is_exact_and_exports_load(ckpt, data_file, tmp_path):
-    full = run(_args(ckpt, data_file, tmp_path / "a", "--eval-data", str(data_file)))
-    assert full["step"] == 6 and full["data_position"] == 12
-    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+@pytest.fixture(scope="module")
+def full_run(ckpt, data_file, tmp_path_factory):
+    """An uninterrupted 8-step run (eval, merged export), in a directory where two starts failed
+    first (bad data, then a mistyped flag): a failed start leaves the directory usable."""
+    d = tmp_path_factory.mktemp("full_run")
+    out = d / "a"
+    bad = d / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": CONVS[1]}) + "\n{oops\n")
+    with pytest.raises(CliError, match=r"bad\.jsonl:2"):
+        run(_args(ckpt, bad, out, "--eval-data", str(data_file)))
+    with pytest.raises(SystemExit):
+        run(_args(ckpt, data_file, out, "--eval-data", str(data_file), "--dtype", "bf16"))
+    assert not out.exists()
+    return out, run(_args(ckpt, data_file, out, "--eval-data", str(data_file)))
+
+
+def test_cli_resume_is_exact_and_exports_load(ckpt, data_file, full_run, tmp_path):
+    a_dir, full = full_run
+    assert full["step"] == 8 and full["data_position"] == 16
+    log = [json.loads(line) for line in (a_dir / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
     evals = [r for r in log if "eval_loss" in r]
-    assert len(steps) == 6 and [r["step"] for r in evals] == [3, 6]
+    assert len(steps) == 8 and [r["step"] for r in evals] == [3, 6, 8]
     assert all(r["tokens_per_s"] > 0 and r["moe_max_load"] >= 1.0 and "moe_cv" in r for r in steps)
 
     # interrupted after 3 steps (last checkpoint at step 2), then the same command again
@@ -108,8 +125,15 @@ def test_cli_resume_is_exact_and_exports_load(ckpt, data_file, tmp_path):
     assert stopped == {"stopped_at": 3}
     assert not (tmp_path / "b" / "adapter").exists()
     resumed = run(_args(ckpt, data_file, tmp_path / "b", "--no-merge"))
-    assert resumed["step"] == 6 and resumed["data_position"] == 12
-    a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    assert resumed["step"] == 8 and resumed["data_position"] == 16
+    # step 3 ran before the interruption but was not checkpointed: its row is replaced, not repeated
+    assert [json.loads(r)["step"] for r in (tmp_path / "b" / "log.jsonl").read_text().splitlines()] == \
+        list(range(1, 9))
+    assert resumed["loss"] > 0 and resumed["tokens"] > 0
+    # rerunning the finished run keeps its summary (metrics included)
+    again = run(_args(ckpt, data_file, tmp_path / "b", "--no-merge"))
+    assert again == resumed == json.loads((tmp_path / "b" / "summary.json").read_text())
+    a = load_file(str(a_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
     assert sorted(a) == sorted(b) and len(a) == 2 * (5 * 2 + 3)   # 5 MLA + 3 shared projections
     for k in a:
@@ -118,20 +142,37 @@ def test_cli_resume_is_exact_and_exports_load(ckpt, data_file, tmp_path):
     assert max(np.abs(v).max() for k, v in a.items() if "lora_B" in k) > 0
 
     # a changed hyper-parameter is refused instead of silently mixing runs
-    with pytest.raises(SystemExit):
+    with pytest.raises(CliError, match="different settings"):
         run(_args(ckpt, data_file, tmp_path / "b", "--no-merge", "--rank", "8"))
 
     # merged export: a checkpoint dsv32_jax.load reads, with the adapter model's logits
-    merged_dir = tmp_path / "a" / "merged"
+    merged_dir = a_dir / "merged"
     assert (merged_dir / "tokenizer.json").is_file()
     ids = jnp.asarray(encode_conversation(CONVS[0], load_tokenizer(ckpt))[0][None, :32])
     merged = dsv32_jax.load(merged_dir, dtype=jnp.float32, numerics="exact")
     adapted = dsv32_jax.load(ckpt, dtype=jnp.float32, numerics="exact").module
-    load_peft(adapted, tmp_path / "a" / "adapter")
+    load_peft(adapted, a_dir / "adapter")
     gd, st = nnx.split(adapted)
     ref = jax.jit(lambda s, x: nnx.merge(gd, s)(x))(st, ids)
     # float32, only the summation order differs (see test_lora.py)
     np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_data_that_trains_little_or_nothing(ckpt, data_file, tmp_path, capsys):
+    """Rows without targets are refused (tested in tests/test_cli_errors.py); rows that split
+    conversations are reported before the model is loaded."""
+    args = build_parser().parse_args(["--ckpt", str(ckpt), "--data", str(data_file), "--out", str(tmp_path / "o"),
+                                      "--seq-len", "8", "--mode", "pack", "--batch", "1"])
+    st = prepare(args)["train_ds"].stats
+    err = capsys.readouterr().err
+    assert st.over_length > 0 and st.kept_targets == st.target_tokens > 0
+    assert "warning: --data" in err and f"{st.over_length} of {len(CONVS)} conversations are longer" in err
+    args = build_parser().parse_args(["--ckpt", str(ckpt), "--data", str(data_file), "--out", str(tmp_path / "o"),
+                                      "--seq-len", "12", "--mode", "pad"])
+    st = prepare(args)["train_ds"].stats
+    assert 0 < st.kept_targets < st.target_tokens
+    assert f"{st.target_tokens - st.kept_targets} of {st.target_tokens} assistant tokens" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_help_runs_as_module():
@@ -140,38 +181,98 @@ def test_cli_help_runs_as_module():
     assert res.returncode == 0 and "--eval-data" in res.stdout and "--seq-len" in res.stdout
 
 
-def test_cli_sigkill_mid_run_then_rerun_gives_identical_adapters(ckpt, data_file, tmp_path):
-    """A real process killed with SIGKILL after a few steps (possibly mid-checkpoint), then the
-    same command again, ends with the adapters of an uninterrupted run, bit for bit."""
-    import os
-    import signal
+def _losses(log):
+    return [json.loads(r)["step"] for r in log.read_text().splitlines() if '"loss"' in r] if log.exists() else []
+
+
+def _start_and_signal(cmd, env, log, rows, sig):
+    """Start the CLI, wait until `log` holds `rows` training steps, send `sig`; (exit status, stderr)."""
     import time
 
-    args = _args(ckpt, data_file, tmp_path / "killed", "--no-merge", "--steps", "8", "--save-every", "1")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "dsv32_jax.finetune", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    log = tmp_path / "killed" / "log.jsonl"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if log.exists() and sum('"loss"' in line for line in log.read_text().splitlines()) >= 3:
-                break
+        while time.time() < deadline and proc.poll() is None and len(_losses(log)) < rows:
             time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not (tmp_path / "killed" / "adapter").exists()
-    done = subprocess.run([sys.executable, "-m", "dsv32_jax.finetune", *args], env=env, capture_output=True,
-                          text=True, timeout=600)
+    return proc.returncode, err
+
+
+def test_cli_ctrl_c_then_kill_then_rerun_gives_identical_adapters(ckpt, data_file, full_run, tmp_path):
+    """A real process: Ctrl-C (SIGINT) saves a checkpoint of the last finished step and exits 130
+    (no checkpoint would exist otherwise: --save-every is beyond --steps); the rerun is killed
+    with SIGKILL mid-run; the third run finishes. The adapters equal those of an uninterrupted
+    run bit for bit, and the log holds every step once."""
+    import os
+    import signal
+
+    from dsv32_jax.finetune.train import Checkpointer
+
+    out = tmp_path / "interrupted"
+    args = _args(ckpt, data_file, out, "--no-merge", "--save-every", "100")
+    cmd = [sys.executable, "-m", "dsv32_jax.finetune", *args]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    log = out / "log.jsonl"
+
+    rc, err = _start_and_signal(cmd, env, log, 2, signal.SIGINT)
+    assert rc == 130, err[-2000:]
+    assert "Traceback" not in err
+    step = len(_losses(log))
+    assert 2 <= step < 8 and _losses(log) == list(range(1, step + 1))
+    assert f"interrupted: saved a checkpoint of step {step} of 8" in err and "run the same command again" in err
+    ck = Checkpointer(out / "checkpoints")
+    assert ck.latest_step() == step
+    ck.close()
+
+    rc, err = _start_and_signal(cmd, env, log, step + 2, signal.SIGKILL)
+    assert rc == -signal.SIGKILL and f"resuming from step {step}" in err
+    assert not (out / "adapter").exists()
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    full = run(_args(ckpt, data_file, tmp_path / "full", "--no-merge", "--steps", "8", "--save-every", "1"))
-    assert full["step"] == 8
-    a = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "adapter" / "adapter_model.safetensors"))
+    assert f"resuming from step {step}" in done.stderr
+    assert _losses(log) == list(range(1, 9))           # rows of the killed run's lost steps were dropped
+    # the uninterrupted run: same settings but eval, save interval and export, none of which
+    # changes the adapters
+    a_dir, full = full_run
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert full["step"] == summary["step"] == 8 and summary["loss"] == full["loss"]
+    a = load_file(str(a_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert sorted(a) == sorted(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_fp8_conversion_lora_merged_export_with_relative_paths(data_file, tmp_path, monkeypatch):
+    """A `--dtype float8` conversion fine-tuned with --fp8-weights exports merged/ (adapters folded
+    into the dequantised weights) and summary.json; every path relative to the working directory."""
+    from oracle import make_hf_model
+    from release_fixture import write_release_checkpoint
+
+    from convert.writer import convert_weights
+
+    hf, _ = make_hf_model(tmp_path / "hf", vocab_size=VOCAB, num_hidden_layers=2)
+    write_release_checkpoint(hf, tmp_path / "rel", block=(32, 32), num_shards=2)
+    demo_tokenizer_dir(tmp_path / "rel")
+    monkeypatch.chdir(tmp_path)
+    convert_weights("rel", "conv8", "float8", progress=False)
+    summary = run(["--ckpt", "conv8", "--data", str(data_file), "--out", "run", "--rank", "4", "--alpha", "8",
+                   "--lr", "1e-2", "--steps", "2", "--batch", "2", "--seq-len", "24", "--dtype", "float32",
+                   "--targets", "attn", "--fp8-weights", "--quiet"])
+    assert summary["step"] == 2 and summary["tokens"] > 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    assert json.loads((tmp_path / "run" / "run_config.json").read_text())["ckpt"] == str(tmp_path / "conv8")
+    merged = dsv32_jax.load("run/merged", dtype=jnp.float32, numerics="exact")
+    adapted = dsv32_jax.load("conv8", dtype=jnp.float32, numerics="exact", fp8_weights=False).module
+    load_peft(adapted, "run/adapter")
+    ids = jnp.asarray(encode_conversation(CONVS[0], load_tokenizer("conv8"))[0][None, :32])
+    gd, st = nnx.split(adapted)
+    ref = jax.jit(lambda s, x: nnx.merge(gd, s)(x))(st, ids)
+    # float32, only the summation order differs (see test_lora.py)
+    np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(ref), rtol=1e-4, atol=1e-4)

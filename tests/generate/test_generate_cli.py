@@ -5,6 +5,7 @@ tokenizer) is built per module; generations are checked against plain references
 forward's argmax for greedy ids, the chat template + tokenizer for prompt ids.
 """
 import json
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -95,14 +96,32 @@ def test_errors_name_the_file_and_field(demo_ckpt, tmp_path, capsys):
     assert "--prompt-ids" in capsys.readouterr().err
     assert main(["--ckpt", str(demo_ckpt), "--prompt-ids", "1,999999"]) == 2
     assert "vocabulary" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--ckpt", str(demo_ckpt)])                          # no prompt
+    assert main(["--ckpt", str(demo_ckpt)]) == 2                   # no prompt
+    assert "error: one of --prompt, --chat, --prompt-ids is required" in capsys.readouterr().err
+
+
+def test_relative_ckpt_without_tokenizer_prints_the_ids(demo_ckpt, tmp_path, monkeypatch, capsys):
+    """--ckpt relative to the working directory; --prompt-ids on a checkpoint without a tokenizer
+    prints the generated ids (not only with --json); a progress bar while loading."""
+    shutil.copytree(demo_ckpt, tmp_path / "notok", ignore=shutil.ignore_patterns("tokenizer*"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--ckpt", "notok", "--prompt-ids", "0,100,2000", "--temperature", "0", "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    ids = [int(x) for x in cap.out.strip().split(",")]
+    assert len(ids) == 3 and all(0 <= i < 129280 for i in ids) and "loading notok" in cap.err
 
 
 def test_demo_runs_the_whole_path(capsys):
-    assert main(["--demo", "--max-new-tokens", "4", "--json"]) == 0
+    assert main(["--demo", "--max-new-tokens", "96"]) == 0
     cap = capsys.readouterr()
-    out = json.loads(cap.out.strip().splitlines()[-1])
-    assert len(out["token_ids"]) == 4
-    assert out["message"]["role"] == "assistant"
-    assert "demo: building" in cap.err and "4 tokens in" in cap.err
+    err = cap.err.splitlines()
+    assert err[0].startswith("demo: building")
+    # something is said before the compilation starts, and the parsed reply is printed whole
+    compiling = next(i for i, line in enumerate(err) if line.startswith("compiling prefill and decode"))
+    done = next(i for i, line in enumerate(err) if line.startswith("96 tokens in") or " tokens in " in line)
+    assert compiling < done
+    reply = next(line for line in err if line.startswith("parsed reply: "))
+    msg = json.loads(reply[len("parsed reply: "):])
+    assert msg["role"] == "assistant" and len(reply) > 300      # longer than the old 300-character cut
+    assert cap.out.strip()                                      # the streamed text
