@@ -99,7 +99,7 @@ def _scatter_rows(cache, positions, rows):
     rows [B, T, ...]. Float8 caches are scattered as their uint8 bits: XLA has no float8 scatter
     on some backends and would convert the whole cache twice."""
     rows = rows.astype(cache.dtype)
-    scatter = jax.vmap(lambda c, p, r: c.at[p].set(r))
+    scatter = jax.vmap(lambda c, p, r: c.at[p].set(r, mode="drop"))      # positions past the cache: dropped
     if jnp.dtype(cache.dtype).itemsize != 1 or not jnp.issubdtype(cache.dtype, jnp.floating):
         return scatter(cache, positions, rows)
     bits = scatter(jax.lax.bitcast_convert_type(cache, jnp.uint8), positions,
