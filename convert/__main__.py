@@ -7,8 +7,9 @@ tensor is read at a time and one layer is written at a time, so memory does not 
 number of layers. Interrupted runs resume when the same command is run again.
 
 Exit status: 0 on success, 1 on a conversion error (the message names file and tensor; a full
-disk says what is kept), 2 on a usage error, 130 when interrupted (rerunning resumes). The hidden option `--_sleep-per-layer SECONDS` is a test hook (a pause
-between saving an item and committing it, so tests can kill the process mid-item).
+disk says what is kept), 2 on a usage error, 130 when interrupted (rerunning resumes).
+The hidden option `--_sleep-per-layer SECONDS` is a test hook (a pause between saving an item
+and committing it, so tests can kill the process mid-item).
 """
 from __future__ import annotations
 

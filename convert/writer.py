@@ -379,6 +379,10 @@ def _check_sources(out: Path, plan: Plan, man: dict, verify_source: bool, progre
             files = rec.get("source_files") or {}
             if verify_source or any(files.get(f) != now[f] for f in _item_files(plan, item)):
                 rehashed += 1
+                if progress:
+                    print(f"checking the source of finished item {name} (re-hashing {item.bytes_in / 2**20:.0f} MiB: "
+                          + ("--verify-source" if verify_source else "a shard file it came from changed") + ")",
+                          file=sys.stderr, flush=True)
                 for n in item.sources:
                     if tensor_digest(plan.ckpt, n) != digests[n]:
                         why = (f"source tensor {n!r} ({plan.ckpt.weight_map[n]}) changed since it was "
@@ -394,9 +398,6 @@ def _check_sources(out: Path, plan: Plan, man: dict, verify_source: bool, progre
         if dropped:
             man["complete"] = False
         _save_manifest(out, man)
-    if rehashed and progress:
-        print(f"note: re-hashed the source of {rehashed} finished item(s) (shard files changed or "
-              "--verify-source)", file=sys.stderr, flush=True)
     return dropped
 
 
