@@ -96,6 +96,11 @@ def _ft(e, out, *extra, data="good"):
             "--seq-len", "64", "--batch", "2", "--quiet", *extra]
 
 
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
 def _gen(e, *extra):
     return ["--ckpt", str(e["ckpt"]), "--max-new-tokens", "4", *extra]
 
@@ -138,6 +143,14 @@ CASES = [
      ["2550 tokens", "--max-new-tokens 20", "2560", "max_position_embeddings"], 2),
     ("gen-chat-missing", "generate", lambda e, o: _gen(e, "--chat", str(e["d"] / "nochat.json")),
      ["--chat", "nochat.json"], 2),
+    ("gen-prompts-missing", "generate", lambda e, o: _gen(e, "--prompts", str(e["d"] / "nobatch.jsonl")),
+     ["--prompts", "nobatch.jsonl"], 2),
+    ("gen-prompts-bad-line", "generate", lambda e, o: _gen(e, "--prompts", str(_write(e["d"] / "b1.jsonl",
+                                                                                 '"hi"\n[1, "x"]\n'))),
+     ["b1.jsonl:2", "token ids"], 2),
+    ("gen-prompts-not-json", "generate", lambda e, o: _gen(e, "--prompts", str(_write(e["d"] / "b2.jsonl",
+                                                                                 '{"messages": [\n'))),
+     ["b2.jsonl:1", "not valid JSON"], 2),
     ("gen-chat-bad-json", "generate", lambda e, o: _gen(e, "--chat", str(e["chat_bad_json"])),
      ["chat_bad.json", "not valid JSON"], 2),
     ("gen-chat-no-messages", "generate", lambda e, o: _gen(e, "--chat", str(e["chat_no_messages"])),

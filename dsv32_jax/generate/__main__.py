@@ -3,6 +3,7 @@
     python -m dsv32_jax.generate --ckpt DIR --prompt "Hello" [--thinking] [--max-new-tokens N]
     python -m dsv32_jax.generate --ckpt DIR --chat messages.json [--json]
     python -m dsv32_jax.generate --ckpt DIR --prompt-ids 0,1234,5678 --temperature 0
+    python -m dsv32_jax.generate --ckpt DIR --prompts batch.jsonl --json
     python -m dsv32_jax.generate --demo
 
 DIR is a Hugging Face checkpoint directory or one written by `python -m convert weights`; its
@@ -17,6 +18,12 @@ Everything about the request (flags, --chat file, prompt ids, the context limit,
 fields of generation_config.json) is checked before the model is loaded; a prompt plus
 --max-new-tokens longer than the model's context (max_position_embeddings in config.json) is
 refused. Without a tokenizer (--prompt-ids), the generated ids are printed, comma-separated.
+--prompts generates a batch of prompts of any lengths together (one line of output each, a
+JSON object per line with --json).
+
+Multi-host: start the same command on every host (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID) with a --mesh over all devices; the batch is split over the processes, every
+process runs the same loop, and process 0 prints.
 
 --demo builds a tiny random model (configs/tiny.json: 2 layers, the real 129,280-token
 vocabulary) with the real DeepSeek-V3.2 tokenizer in a temporary directory and runs the normal
@@ -46,8 +53,14 @@ EXIT_CODES = {0: "generated", 1: "the generation failed (the message says why)",
               130: "interrupted"}
 
 
+def _main_process() -> bool:
+    """Multi-host: every process runs the same generation; only process 0 prints."""
+    return jax.process_index() == 0
+
+
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if _main_process():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def build_parser() -> ArgumentParser:
@@ -56,6 +69,9 @@ def build_parser() -> ArgumentParser:
     src.add_argument("--prompt", help="one user message (chat template), or plain text with --raw")
     src.add_argument("--chat", metavar="FILE.json", help="OpenAI-style messages (list or {'messages': [...]})")
     src.add_argument("--prompt-ids", metavar="IDS", help="comma-separated token ids, fed as they are")
+    src.add_argument("--prompts", metavar="FILE.jsonl",
+                     help="a batch, one prompt per line: a string (one user message), {\"messages\": [...]}, "
+                          "or a list of token ids; generated together, printed in order")
     p.add_argument("--ckpt", metavar="DIR", help="Hugging Face or converted checkpoint directory")
     p.add_argument("--demo", action="store_true", help="build a tiny random model with the real tokenizer and run it")
     p.add_argument("--thinking", action="store_true", help="thinking mode of the chat template (default: chat mode)")
@@ -89,8 +105,8 @@ def check_args(args) -> None:
             raise CliError("--demo builds its own checkpoint; do not pass --ckpt")
     elif not args.ckpt:
         raise CliError("--ckpt DIR is required (or --demo)")
-    elif args.prompt is None and args.chat is None and args.prompt_ids is None:
-        raise CliError("one of --prompt, --chat, --prompt-ids is required")
+    elif args.prompt is None and args.chat is None and args.prompt_ids is None and args.prompts is None:
+        raise CliError("one of --prompt, --chat, --prompt-ids, --prompts is required")
     if args.raw and args.prompt is None:
         raise CliError("--raw applies to --prompt only")
     if any(not s for s in args.stop):
@@ -229,16 +245,65 @@ def prepare(args, ckpt: Path) -> dict:
     except ValueError as e:
         raise CliError(str(e)) from None
     messages = read_messages(args.chat) if args.chat else None
+    batch = read_prompts(args.prompts) if args.prompts else None
     if args.prompt_ids is not None:
         _check_ids(args, ckpt, cfg, parse_prompt_ids(args.prompt_ids))
-    tok = load_tok(ckpt, args)
-    ids, mode = build_prompt(args, tok, messages)
-    _check_ids(args, ckpt, cfg, ids)
+    needs_tok = batch is None or any(not isinstance(e, list) for e in batch)
+    tok = load_tok(ckpt, args) if needs_tok else None
+    if batch is None:
+        prompts = [build_prompt(args, tok, messages)]
+    else:
+        prompts = [batch_prompt(args, tok, e, i) for i, e in enumerate(batch)]
+    for ids, _ in prompts:
+        _check_ids(args, ckpt, cfg, ids)
     try:
         eos = eos_ids_from_config(ckpt, tok.eos_id if tok is not None else cfg.eos_token_id)
     except ValueError as e:
         raise CliError(str(e)) from None
-    return {"cfg": cfg, "tok": tok, "ids": ids, "mode": mode, "sampling": sampling, "eos": eos}
+    return {"cfg": cfg, "tok": tok, "prompts": prompts, "sampling": sampling, "eos": eos}
+
+
+def read_prompts(path) -> list:
+    """Entries of a --prompts JSONL file (str, {"messages": [...]}, or list of int ids)."""
+    path = abspath(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise CliError(f"--prompts: no such file {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError) as e:
+        raise CliError(f"--prompts: {path}: cannot be read ({e})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CliError(f"{path}:{n}: not valid JSON ({err})") from None
+        ok = (isinstance(e, str) and e) or (isinstance(e, dict) and isinstance(e.get("messages"), list)
+                                             and e["messages"]) or \
+             (isinstance(e, list) and e and all(isinstance(i, int) and not isinstance(i, bool) for i in e))
+        if not ok:
+            raise CliError(f"{path}:{n}: expected a non-empty string, an object with a non-empty 'messages' list, "
+                           "or a non-empty list of token ids")
+        out.append(e)
+    if not out:
+        raise CliError(f"--prompts: {path} holds no prompt")
+    return out
+
+
+def batch_prompt(args, tok, entry, i: int) -> tuple[list[int], str | None]:
+    """(ids, chat mode or None) of one --prompts entry."""
+    from dsv32_jax.generate.chat import encode_messages
+
+    if isinstance(entry, list):
+        return list(entry), None
+    mode = "thinking" if args.thinking else "chat"
+    messages = [{"role": "user", "content": entry}] if isinstance(entry, str) else entry["messages"]
+    try:
+        return tok.encode(encode_messages(messages, thinking_mode=mode)), mode
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CliError(f"--prompts: entry {i + 1}: cannot encode the messages: {e}") from None
 
 
 def _check_ids(args, ckpt: Path, cfg, ids: list[int]) -> None:
@@ -256,16 +321,16 @@ def _check_ids(args, ckpt: Path, cfg, ids: list[int]) -> None:
                        "--max-new-tokens")
 
 
-def run(args) -> dict:
-    from dsv32_jax.generate.chat import parse_completion
+def run(args) -> dict | list:
     from dsv32_jax.generate.engine import Engine
 
     ckpt = abspath(args.ckpt)
     req = prepare(args, ckpt)
-    tok, ids, mode, sampling = req["tok"], req["ids"], req["mode"], req["sampling"]
+    tok, prompts, sampling = req["tok"], req["prompts"], req["sampling"]
     module = load_model(ckpt, args)
     engine = Engine(module, prefill_chunk=args.prefill_chunk)
-    stream = not args.json and tok is not None
+    single = len(prompts) == 1
+    stream = not args.json and tok is not None and single and _main_process()
     t0 = time.perf_counter()
     first = []
 
@@ -277,35 +342,48 @@ def run(args) -> dict:
             sys.stdout.flush()
 
     if args.demo and tok is not None:
-        _log(f"prompt text: {tok.decode(ids)!r}")
-    _log(f"prompt: {len(ids)} tokens; sampling: "
+        _log(f"prompt text: {tok.decode(prompts[0][0])!r}")
+    _log(f"prompt: {', '.join(str(len(ids)) for ids, _ in prompts)} tokens; sampling: "
          + ("greedy" if sampling.greedy else f"temperature={sampling.temperature} top_p={sampling.top_p} "
             f"top_k={sampling.top_k} seed={sampling.seed}"))
     _log("compiling prefill and decode for this prompt length (the first call of a process; "
          + ("about 10 s for the demo on CPU" if args.demo else "seconds to minutes with the model size") + ") ...")
-    comp = engine.generate([ids], max_new_tokens=args.max_new_tokens, sampling=sampling, eos_ids=req["eos"],
-                           stop_strings=args.stop, tokenizer=tok, on_text=on_text if tok is not None else None)[0]
+    comps = engine.generate([ids for ids, _ in prompts], max_new_tokens=args.max_new_tokens, sampling=sampling,
+                            eos_ids=req["eos"], stop_strings=args.stop, tokenizer=tok,
+                            on_text=on_text if tok is not None else None)
     t1 = time.perf_counter()
     if stream:
         sys.stdout.write("\n")
         sys.stdout.flush()
-    n = len(comp.token_ids)
+    n = sum(len(c.token_ids) for c in comps)
     ttft = (first[0] - t0) if first else float("nan")
     _log(f"{n} tokens in {t1 - t0:.2f}s (first text after {ttft:.2f}s, compilation included); "
-         f"finish: {comp.finish_reason}")
-    result = {"prompt_ids": ids, "token_ids": comp.token_ids, "text": comp.text,
-              "finish_reason": comp.finish_reason}
+         f"finish: {', '.join(c.finish_reason for c in comps)}")
+    results = [_result(ids, mode, comp) for (ids, mode), comp in zip(prompts, comps)]
+    if _main_process():
+        for r in (results if args.json and not single else []):
+            print(json.dumps(r, ensure_ascii=False))
+        for r in (results if single or not args.json else []):
+            if args.json:
+                print(json.dumps(r, ensure_ascii=False))
+            elif tok is None:
+                print(",".join(str(i) for i in r["token_ids"]))
+            elif "message" in r and not stream:
+                print(json.dumps(r["message"], ensure_ascii=False))
+            elif not stream:
+                print(r["text"])
+    return results[0] if single else results
+
+
+def _result(ids, mode, comp) -> dict:
+    from dsv32_jax.generate.chat import parse_completion
+
+    result = {"prompt_ids": ids, "token_ids": comp.token_ids, "text": comp.text, "finish_reason": comp.finish_reason}
     if mode is not None and comp.text is not None:
         import warnings
         with warnings.catch_warnings():     # random or truncated output: returned as plain content
             warnings.simplefilter("ignore")
             result["message"] = parse_completion(comp.text, mode)
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False))
-    elif tok is None:
-        print(",".join(str(i) for i in comp.token_ids))
-    elif mode is not None and not stream:
-        print(json.dumps(result["message"], ensure_ascii=False))
     return result
 
 
@@ -321,12 +399,12 @@ def _main(args) -> int:
             _log("demo: building a tiny random model (configs/tiny.json) with the DeepSeek-V3.2 tokenizer")
             build_demo_checkpoint(tmp)
             args.ckpt = tmp
-            if args.prompt is None and args.chat is None and args.prompt_ids is None:
+            if args.prompt is None and args.chat is None and args.prompt_ids is None and args.prompts is None:
                 path = Path(tmp) / "demo_chat.json"
                 path.write_text(json.dumps(DEMO_MESSAGES))
                 args.chat = str(path)
             result = run(args)
-            if not args.json and "message" in result:
+            if not args.json and isinstance(result, dict) and "message" in result:
                 _log("parsed reply: " + json.dumps(result["message"], ensure_ascii=False))
     else:
         run(args)

@@ -86,3 +86,22 @@ def test_two_processes_serving_engine_equals_one(tiny_hf, tmp_path):
     got = json.loads((tmp_path / "serve.json").read_text())
     assert got[:-1] == [r.tokens for r in ref]
     assert got[-1] == ref[-1].cached_tokens == 128
+
+
+def test_two_processes_generate_cli_equals_one(tiny_hf, tmp_path):
+    """`python -m dsv32_jax.generate --prompts FILE --mesh data=2,expert=4` started on two
+    processes: process 0 prints one JSON line per prompt, the single-process engine's tokens."""
+    _, path = tiny_hf
+    prompts = generation_prompts()
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    one = Engine(dsv32_jax.load(path, dtype=jnp.float32, numerics="exact"), prefill_chunk=16, block=4)
+    ref = [c.token_ids for c in one.generate(prompts, max_new_tokens=GEN_TOKENS,
+                                             sampling=SamplingParams(temperature=0.0))]
+    argv = [sys.executable, "-m", "dsv32_jax.generate", "--ckpt", str(path), "--prompts", str(batch), "--json",
+            "--mesh", "data=2,expert=4", "--dtype", "float32", "--numerics", "exact", "--temperature", "0",
+            "--max-new-tokens", str(GEN_TOKENS), "--prefill-chunk", "16"]
+    outs = run_two_processes(lambda pid: argv)
+    rows = [json.loads(line) for line in outs[0].splitlines() if line.startswith("{")]
+    assert [r["token_ids"] for r in rows] == ref
+    assert not any(line.startswith("{") for line in outs[1].splitlines())      # process 1 prints nothing
