@@ -18,6 +18,10 @@ for weights above `min_tile_bytes` (smaller ones take a single step). The [A, S,
 splits the leading (row) dim, so it is a layout-preserving reshape, and a K dim sharded over a
 mesh axis stays sharded on A.
 
+Gradients flow to x only (the FP8 weights and scales are frozen: `stop_gradient`); each step
+is rematerialised in the backward pass (`jax.checkpoint`), so differentiating does not store
+the dequantised tiles of every step either.
+
 Numerics: for power-of-two (ue8m0) scales, each partial equals the dequantise-then-matmul
 partial exactly; otherwise they differ by one rounding of W8*scale (f32: ~6e-8 relative; bf16
 compute: the dequantised weight is itself rounded to bf16 there). Only summation order differs.
@@ -130,6 +134,7 @@ def fp8_matmul(x, w8, scale, block: tuple[int, int], *, out_dtype=None, max_tile
     c, a, s = tile_plan(k, n, bk, jnp.dtype(cd).itemsize, max_tile_ratio=max_tile_ratio,
                         min_tile_bytes=min_tile_bytes)
     with jax.named_scope("fp8_matmul"):
+        w8, scale = jax.lax.stop_gradient(w8), jax.lax.stop_gradient(scale)         # frozen weights
         cs = _chunk_scales(scale, k, c, bk).reshape(a, s, -1).swapaxes(0, 1)          # [S, A, NB]
         xv = x.reshape(m, a, s, c)                                                      # view of K
         w4 = w8.reshape(a, s, c, n)                                                     # view of K
@@ -154,7 +159,7 @@ def fp8_matmul(x, w8, scale, block: tuple[int, int], *, out_dtype=None, max_tile
             return acc, None
 
         acc0 = jnp.zeros((a, m, n) if keep_a else (m, n), jnp.float32)
-        acc, _ = jax.lax.scan(step, acc0, (jnp.arange(s), cs))
+        acc, _ = jax.lax.scan(jax.checkpoint(step), acc0, (jnp.arange(s), cs))
         if keep_a:
             acc = jnp.sum(acc, axis=0)
         return acc.astype(out_dtype).reshape(*lead, n)
@@ -177,6 +182,7 @@ def fp8_ragged_dot(x, w8, scale, group_sizes, block: tuple[int, int], *, max_til
     c, a, s = tile_plan(k, g * n, bk, jnp.dtype(cd).itemsize, max_tile_ratio=max_tile_ratio,
                         min_tile_bytes=min_tile_bytes)
     with jax.named_scope("fp8_ragged_dot"):
+        w8, scale = jax.lax.stop_gradient(w8), jax.lax.stop_gradient(scale)         # frozen weights
         cs = _chunk_scales(scale, k, c, bk).reshape(g, a, s, -1).transpose(2, 0, 1, 3)  # [S, G, A, NB]
         xv = x.reshape(r, a, s, c)                                                      # view of K
         w5 = w8.reshape(g, a, s, c, n)
@@ -192,5 +198,5 @@ def fp8_ragged_dot(x, w8, scale, group_sizes, block: tuple[int, int], *, max_til
                 acc = acc + _scale_cols(p, jnp.take(cs_s[:, j], row_group, axis=0), n, bn)
             return acc, None
 
-        acc, _ = jax.lax.scan(step, jnp.zeros((r, n), jnp.float32), (jnp.arange(s), cs))
+        acc, _ = jax.lax.scan(jax.checkpoint(step), jnp.zeros((r, n), jnp.float32), (jnp.arange(s), cs))
         return acc

@@ -6,8 +6,9 @@ while, cond (e.g. `lax.platform_dependent`), remat, custom_jvp/vjp and shard_map
 shard_map body the shapes are per device; outside they are global (`per_device` says which).
 
 Counted: each equation's outputs, except
-  - views: reshape / squeeze / expand_dims / same-width bitcast_convert_type (XLA lowers these
-    to bitcasts; XLA:CPU is the exception for float8 bitcasts, see fp8_matmul), and
+  - views: reshape / squeeze / expand_dims / stop_gradient / same-width bitcast_convert_type
+    (XLA lowers these to bitcasts; XLA:CPU is the exception for float8 bitcasts, see
+    fp8_matmul), and
   - in-place updates (dynamic_update_slice, scatter*): they write into their first operand,
     which is counted where it was created (or is an argument),
   - the outputs of higher-order primitives, which are counted inside their bodies; only the
@@ -35,7 +36,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-VIEWS = frozenset({"reshape", "squeeze", "expand_dims"})
+VIEWS = frozenset({"reshape", "squeeze", "expand_dims", "stop_gradient"})
 IN_PLACE = frozenset({"dynamic_update_slice", "scatter", "scatter-add", "scatter_add", "scatter-mul",
                       "scatter_mul", "scatter-min", "scatter_min", "scatter-max", "scatter_max"})
 CONST_SOURCES = frozenset({"iota"})
