@@ -36,6 +36,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dsv32_jax.grouped_matmul import grouped_matmul
+
 MAX_TILE_RATIO = 1.0 / 6.0     # dequantised tile bytes / FP8 weight bytes
 MIN_TILE_BYTES = 1 << 16       # weights whose compute-dtype copy is below this take one step
 
@@ -194,7 +196,7 @@ def fp8_ragged_dot(x, w8, scale, group_sizes, block: tuple[int, int], *, max_til
             x_s = jax.lax.dynamic_index_in_dim(xv, i, axis=2, keepdims=False)          # [R, A, c]
             w_t = _tile(w5, i, 2, cd)                                                   # [G, A, c, N]
             for j in range(a):
-                p = jax.lax.ragged_dot(x_s[:, j], w_t[:, j], group_sizes, preferred_element_type=jnp.float32)
+                p = grouped_matmul(x_s[:, j], w_t[:, j], group_sizes)
                 acc = acc + _scale_cols(p, jnp.take(cs_s[:, j], row_group, axis=0), n, bn)
             return acc, None
 

@@ -21,12 +21,9 @@ import jax.numpy as jnp
 IMPLS = ("auto", "ragged", "tiles")
 
 
-def _impl(impl: str) -> str:
+def _check(impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"grouped_matmul: unknown impl {impl!r}; expected one of {IMPLS}")
-    if impl == "auto":
-        return "tiles" if jax.default_backend() == "cpu" else "ragged"
-    return impl
 
 
 def _tile_rows(m: int, g: int) -> int:
@@ -38,10 +35,22 @@ def _tile_rows(m: int, g: int) -> int:
 
 
 def grouped_matmul(x, w, group_sizes, *, impl: str = "auto", tile: int | None = None):
-    """x [M, K] (sorted by group), w [G, K, N], group_sizes int32 [G] -> float32 [M, N]."""
-    if _impl(impl) == "ragged":
-        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes.astype(jnp.int32),
-                                  preferred_element_type=jnp.float32)
+    """x [M, K] (sorted by group), w [G, K, N], group_sizes int32 [G] -> float32 [M, N].
+
+    impl "auto" decides when the program is lowered: "tiles" for the CPU, "ragged" for TPU/GPU
+    (so a TPU program lowered on a CPU host gets ragged_dot)."""
+    _check(impl)
+    if impl == "auto":
+        return jax.lax.platform_dependent(x, w, group_sizes, cpu=lambda *a: _tiles(*a, tile),
+                                          default=_ragged)
+    return _ragged(x, w, group_sizes) if impl == "ragged" else _tiles(x, w, group_sizes, tile)
+
+
+def _ragged(x, w, group_sizes):
+    return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
+
+
+def _tiles(x, w, group_sizes, tile):
     m, k = x.shape
     g, _, n = w.shape
     t = tile or _tile_rows(m, g)

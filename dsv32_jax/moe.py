@@ -6,7 +6,8 @@ keep topk_group groups, pick num_experts_per_tok experts among them by biased sc
 = the unbiased scores of the chosen experts, renormalised (norm_topk_prob) and multiplied by
 routed_scaling_factor. The shared expert(s) are added unweighted.
 
-Routed experts run as grouped matmuls (`jax.lax.ragged_dot`) over tokens sorted by expert;
+Routed experts run as grouped matmuls (`grouped_matmul`: ragged_dot on TPU/GPU, a tiled scan
+whose cost follows the routed rows on CPU) over tokens sorted by expert;
 FP8 experts through `fp8_ragged_dot` (FP8 tiles, never a dequantised copy of the stack). Each
 expert's output is rounded to the compute dtype before the float32 weighted sum, as the
 official experts' bf16 Linear outputs are (a no-op for float32 models). With a mesh whose
@@ -24,6 +25,7 @@ from flax import nnx
 from dsv32_jax.config import ModelConfig
 from dsv32_jax.expert_parallel import EXCHANGES, GroupedFFN, expert_parallel_experts
 from dsv32_jax.fp8_matmul import fp8_ragged_dot
+from dsv32_jax.grouped_matmul import grouped_matmul
 from dsv32_jax.layers import Linear, param
 from dsv32_jax.numerics import dequant_blocks
 
@@ -105,7 +107,7 @@ class Experts(nnx.Module):
         """Grouped matmul of rows a [R, in] (sorted by expert) with ops[name] -> float32 [R, out]."""
         w = ops[name]
         if self.fp8_block is None:
-            return jax.lax.ragged_dot(a, w.astype(a.dtype), sizes, preferred_element_type=jnp.float32)
+            return grouped_matmul(a, w, sizes)
         return fp8_ragged_dot(a, w, ops[name + "_scale"], sizes, self.kernel_block)
 
     def ffn(self, ops, xs, sizes):

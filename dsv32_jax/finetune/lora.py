@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
 from dsv32_jax.expert_parallel import GroupedFFN
+from dsv32_jax.grouped_matmul import grouped_matmul
 from dsv32_jax.layers import Linear
 from dsv32_jax.moe import EXPERT_PROJ, Experts, combine_local
 from dsv32_jax.params import hf_source
@@ -181,7 +182,7 @@ class LoRAExperts(nnx.Module):
         scale = self.ctx.config.scale
 
         def gmm(a, w):
-            return jax.lax.ragged_dot(a, w, sizes, preferred_element_type=jnp.float32)
+            return grouped_matmul(a, w, sizes)
 
         def proj(a, name, uid):
             ad = (self.ctx.dropout(a, uid) if dropout else a).astype(jnp.float32)
