@@ -53,23 +53,46 @@ def _moe_layers(cfg) -> int:
     return sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
 
 
-def _largest_intermediate(cfg, mesh: str, batch: int, context: int):
-    """(largest intermediate bytes per device, largest weight bytes per device) of a decode step,
-    from the jaxpr, or None when the introspection helper is not available."""
-    try:
-        from dsv32_jax import introspect
-    except ImportError:
-        return None
+def _largest_intermediate(cfg, mesh: str, batch: int, context: int) -> dict:
+    """The largest array the model code creates in one decode step (from the jaxpr; per device
+    inside shard_map bodies) over the largest weight it multiplies (per device), and the
+    largest weight-derived temporary (a dequantised copy) over its own weight."""
     import jax.numpy as jnp
 
     from dsv32_jax import compile_check as cc
+    from dsv32_jax import introspect
     from dsv32_jax.model import RuntimeOptions
     from dsv32_jax.sharding import make_mesh
 
-    options = RuntimeOptions(dtype=jnp.bfloat16, numerics="reference", attention_impl="xla", fp8_weights=True,
-                             mesh=make_mesh(mesh))
-    engine = cc.abstract_engine(cfg, options, block=1)
-    return introspect.largest_intermediate_ratio(cc.trace_decode(engine, batch, context))
+    m = make_mesh(mesh)
+    options = RuntimeOptions(dtype=jnp.bfloat16, numerics="reference", attention_impl="pallas", fp8_weights=True,
+                             mesh=m, kernel_backend="tpu")
+    engine = cc.abstract_engine(cfg, options, block=1, exchange="ragged")
+    state = cc._abstract_state(engine)
+    caches = cc._abstract_caches(engine, batch, context)
+    i32 = jnp.int32
+    temps = introspect.temporaries(engine._step, state, caches, cc._batch_arg(m, (batch,), i32),
+                                   cc._batch_arg(m, (batch,), i32), weight_args=(0,))
+    import jax
+    biggest_weight = max(x.size * jnp.dtype(x.dtype).itemsize // _shards(x.sharding, m)
+                         for x in jax.tree.leaves(state) if len(x.shape) >= 2)
+    largest = temps[0]
+    worst = introspect.largest_weight_temp(temps)
+    # shapes outside shard_map bodies are global: an upper bound of their per-device size
+    return {"largest_intermediate_bytes": largest.nbytes,
+            "largest_intermediate": f"{largest.primitive} {largest.dtype}{list(largest.shape)} at {largest.where}",
+            "per_device": largest.per_device, "largest_weight_bytes_per_device": biggest_weight,
+            "ratio": round(largest.nbytes / biggest_weight, 4),
+            "worst_weight_temp": None if worst is None else {
+                "weight": worst.weight, "bytes": worst.nbytes, "ratio_to_its_weight": round(worst.weight_ratio, 3)}}
+
+
+def _shards(sharding, mesh) -> int:
+    n = 1
+    for part in sharding.spec:
+        for a in ((part,) if isinstance(part, str) else (part or ())):
+            n *= mesh.shape[a]
+    return n
 
 
 def measure(args) -> dict:
@@ -98,19 +121,18 @@ def measure(args) -> dict:
                 "cpu_all_to_all_bytes_per_moe_layer": a2a // max(1, _moe_layers(cfg))}
         small, full = row[f"layers_{args.small_layers}"], row[f"layers_{args.layers}"]
         row["compile_ratio_full_over_small"] = round(full["compile_s"] / small["compile_s"], 2)
-        # TPU program: the exchange as lowered for the accelerator (ragged where available)
+        # the program lowered for TPU (Pallas kernels under shard_map, the ragged expert exchange)
         cfg = _config(args.small_layers)
-        engine_text = _lowered_tpu_text(cfg, mesh, batch, args.context)
-        low = lowered_collectives(engine_text)
+        tpu = cc.check(cfg, mesh, batch=batch, **dict(kw, platform="tpu", compile=False))["decode"]
+        low = tpu["lowered_collectives"]
         a2a = sum(v["bytes"] for k, v in low.items() if "all_to_all" in k)
         per_dev_tokens = max(1, batch // _batch_shards(mesh))
         payload = per_dev_tokens * cfg.num_experts_per_tok * cfg.hidden_size * 2 * 2
+        row["tpu_lowered_collectives"] = low
         row["tpu_all_to_all_bytes_per_moe_layer"] = a2a // max(1, _moe_layers(cfg))
         row["tpu_payload_bytes_per_moe_layer"] = payload
         row["tpu_all_to_all_over_payload"] = round(row["tpu_all_to_all_bytes_per_moe_layer"] / payload, 2)
-        li = _largest_intermediate(cfg, mesh, batch, args.context)
-        if li is not None:
-            row["largest_intermediate"] = li
+        row["largest_intermediate"] = _largest_intermediate(cfg, mesh, batch, args.context)
         out[f"batch_{batch}"] = row
     return out
 
@@ -120,45 +142,6 @@ def _batch_shards(mesh: str) -> int:
 
     s = parse_mesh(mesh)
     return s["data"] * s["fsdp"] * s["expert"]
-
-
-def _lowered_tpu_text(cfg, mesh, batch, context) -> str:
-    import jax.numpy as jnp
-
-    from dsv32_jax import compile_check as cc
-    from dsv32_jax.model import RuntimeOptions
-    from dsv32_jax.sharding import make_mesh
-
-    kw = {"kernel_backend": "tpu"} if "kernel_backend" in RuntimeOptions.__dataclass_fields__ else {}
-    options = RuntimeOptions(dtype=jnp.bfloat16, numerics="reference", attention_impl="pallas", fp8_weights=True,
-                             mesh=make_mesh(mesh), **kw)
-    engine = cc.abstract_engine(cfg, options, block=1)
-    return cc.trace_decode(engine, batch, context).lower(lowering_platforms=("tpu",)).as_text()
-
-
-def lowered_collectives(text: str) -> dict:
-    """{op: {"count", "bytes"}} of the collectives in lowered StableHLO text (result bytes)."""
-    import re
-
-    sizes = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "i8": 1, "ui8": 1, "i1": 1, "f8E4M3FN": 1, "i64": 8}
-    out: dict = {}
-    for line in text.splitlines():
-        m = re.search(r'"?stablehlo\.(all_to_all|all_gather|all_reduce|reduce_scatter|collective_permute)"?|'
-                      r"custom_call @(ragged_all_to_all)|stablehlo\.(ragged_all_to_all)", line)
-        if not m:
-            continue
-        op = next(g for g in m.groups() if g)
-        res = line.rsplit("->", 1)[-1]
-        nbytes = 0
-        for dims, dt in re.findall(r"tensor<((?:\d+x)*)([a-zA-Z0-9]+)>", res):
-            n = 1
-            for d in filter(None, dims.split("x")):
-                n *= int(d)
-            nbytes += n * sizes.get(dt, 4)
-        rec = out.setdefault(op, {"count": 0, "bytes": 0})
-        rec["count"] += 1
-        rec["bytes"] += nbytes
-    return out
 
 
 def _run_worker(devices: int, args, mesh: str, batches) -> dict:

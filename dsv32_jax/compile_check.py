@@ -11,7 +11,6 @@ per-device argument / output / temporary bytes and the collectives of the partit
 """
 from __future__ import annotations
 
-import re
 import time
 
 import jax
@@ -20,22 +19,20 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from dsv32_jax.config import ModelConfig
+from dsv32_jax.introspect import collectives as lowered_collectives
+from dsv32_jax.introspect import compiled_collectives
 from dsv32_jax.sharding import batch_spec, make_mesh, param_shardings
 
-# op names of the collectives in compiled HLO text
-COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-reduce", "all-gather", "reduce-scatter",
-               "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
-
-
-def abstract_engine(cfg: ModelConfig, options, *, prefill_chunk: int = 256, block: int = 16):
-    """An Engine over the abstract model (nnx.eval_shape: no parameter is allocated)."""
+def abstract_engine(cfg: ModelConfig, options, *, prefill_chunk: int = 256, block: int = 16,
+                    exchange: str = "auto"):
+    """An Engine over the abstract model (nnx.eval_shape: no parameter is allocated).
+    exchange: the expert-parallel exchange ("ragged" for a TPU/GPU program lowered on a CPU host)."""
     from dsv32_jax.generate.engine import Engine
     from dsv32_jax.model import Transformer
+    from dsv32_jax.moe import set_expert_exchange
 
     module = nnx.eval_shape(lambda: Transformer(cfg, options, rngs=nnx.Rngs(0)))
+    set_expert_exchange(module, exchange)
     return Engine(module, prefill_chunk=prefill_chunk, len_bucket=1, block=block)
 
 
@@ -94,39 +91,15 @@ def trace_prefill(engine, batch: int, max_len: int, chunk: int):
                                  _batch_arg(mesh, (batch, d), engine.module.options.dtype))
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{op: {"count", "bytes"}} of the collectives in compiled HLO text (bytes of each op's
-    result per device; async pairs are counted once, at their start)."""
-    out: dict[str, dict[str, int]] = {}
-    for line in hlo_text.splitlines():
-        m = re.search(r"=\s*(.+?)\s+([a-z\-]+)\(", line)
-        if not m:
-            continue
-        op = m.group(2)
-        base = op[: -len("-start")] if op.endswith("-start") else op
-        if base not in COLLECTIVES or op.endswith("-done"):
-            continue
-        nbytes = 0
-        for dt, dims in _SHAPE.findall(m.group(1)):
-            n = 1
-            for x in filter(None, dims.split(",")):
-                n *= int(x)
-            nbytes += n * _DTYPE_BYTES.get(dt, 4)
-        if op.endswith("-start") and m.group(1).startswith("("):
-            nbytes //= 2                      # (operand, result) tuple of an async start
-        rec = out.setdefault(base, {"count": 0, "bytes": 0})
-        rec["count"] += 1
-        rec["bytes"] += nbytes
-    return out
-
-
 def check(cfg: ModelConfig, mesh_spec: str, *, platform: str, batch: int, max_len: int, chunk: int,
           dtype=jnp.bfloat16, numerics: str = "reference", fp8_weights: bool = True,
           attention_impl: str | None = None, compile: bool = False, block: int = 16) -> dict:
     """Lower (and for platform "cpu" optionally compile) the decode block and a prefill chunk.
 
-    Returns {"decode": {...}, "prefill": {...}} with lowering (and compile) seconds, and with
-    compile=True per-device argument / output / temp bytes and the collectives.
+    Returns {"decode": {...}, "prefill": {...}} with lowering (and compile) seconds, the
+    collectives of the lowered program (explicit ones: shard_map bodies), and with compile=True
+    per-device argument / output / temp bytes and the collectives of the partitioned program.
+    The expert exchange is the ragged one for tpu/cuda, the padded one for cpu.
     attention_impl defaults to "pallas" on tpu/cuda and "xla" on cpu.
     """
     from dsv32_jax.model import RuntimeOptions
@@ -134,18 +107,23 @@ def check(cfg: ModelConfig, mesh_spec: str, *, platform: str, batch: int, max_le
     mesh = make_mesh(mesh_spec) if mesh_spec else None
     if attention_impl is None:
         attention_impl = "xla" if platform == "cpu" else "pallas"
-    kw = {}
-    if "kernel_backend" in RuntimeOptions.__dataclass_fields__ and platform != "cpu":
-        kw["kernel_backend"] = "gpu" if platform == "cuda" else "tpu"
+    backend = None if platform == "cpu" else ("gpu" if platform == "cuda" else "tpu")
     options = RuntimeOptions(dtype=jnp.dtype(dtype), numerics=numerics, attention_impl=attention_impl,
-                             fp8_weights=fp8_weights, mesh=mesh, **kw)
-    engine = abstract_engine(cfg, options, prefill_chunk=max(16, 1 << (chunk - 1).bit_length()), block=block)
+                             fp8_weights=fp8_weights, mesh=mesh, kernel_backend=backend)
+    engine = abstract_engine(cfg, options, prefill_chunk=max(16, 1 << (chunk - 1).bit_length()), block=block,
+                             exchange="padded" if platform == "cpu" else "ragged")
     out = {}
     for name, traced in (("decode", lambda: trace_decode(engine, batch, max_len)),
                          ("prefill", lambda: trace_prefill(engine, batch, max_len, chunk))):
         t0 = time.perf_counter()
         lowered = traced().lower(lowering_platforms=(platform,))
         rec = {"lower_s": round(time.perf_counter() - t0, 2)}
+        low = {}
+        for c in lowered_collectives(lowered.as_text()):
+            r = low.setdefault(c.op, {"count": 0, "bytes": 0})
+            r["count"] += c.calls
+            r["bytes"] += c.calls * c.wire_bytes
+        rec["lowered_collectives"] = low
         if compile:
             t0 = time.perf_counter()
             compiled = lowered.compile()
@@ -153,6 +131,6 @@ def check(cfg: ModelConfig, mesh_spec: str, *, platform: str, batch: int, max_le
             mem = compiled.memory_analysis()
             rec.update(argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
                        temp_bytes=int(mem.temp_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
-                       collectives=collectives(compiled.as_text()))
+                       collectives=compiled_collectives(compiled.as_text()))
         out[name] = rec
     return out

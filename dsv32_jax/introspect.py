@@ -330,3 +330,39 @@ def collectives(stablehlo: str) -> list[Collective]:
                 ins, outs = ins[:1], outs[:1]
             out.append(Collective(op, sum(ins), sum(outs), mult[name]))
     return out
+
+
+# ------------------------------------------------------------------ collectives in compiled programs
+# op names of the collectives in compiled HLO text
+HLO_COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-reduce", "all-gather", "reduce-scatter",
+                   "collective-permute")
+_HLO_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
+                    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_HLO_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
+
+
+def compiled_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{op: {"count", "bytes"}} of the collectives in compiled (partitioned) HLO text: bytes of
+    each op's result per device; async pairs are counted once, at their start; an op inside a
+    loop body is counted once (as XLA's cost analysis does)."""
+    out: dict[str, dict[str, int]] = {}
+    for line in hlo_text.splitlines():
+        m = re.search(r"=\s*(.+?)\s+([a-z\-]+)\(", line)
+        if not m:
+            continue
+        op = m.group(2)
+        base = op[: -len("-start")] if op.endswith("-start") else op
+        if base not in HLO_COLLECTIVES or op.endswith("-done"):
+            continue
+        nbytes = 0
+        for dt, dims in _HLO_SHAPE.findall(m.group(1)):
+            n = 1
+            for x in filter(None, dims.split(",")):
+                n *= int(x)
+            nbytes += n * _HLO_DTYPE_BYTES.get(dt, 4)
+        if op.endswith("-start") and m.group(1).startswith("("):
+            nbytes //= 2                      # (operand, result) tuple of an async start
+        rec = out.setdefault(base, {"count": 0, "bytes": 0})
+        rec["count"] += 1
+        rec["bytes"] += nbytes
+    return out
