@@ -91,7 +91,7 @@ def trace_prefill(engine, batch: int, max_len: int, chunk: int):
                                  _batch_arg(mesh, (batch, d), engine.module.options.dtype))
 
 
-def check(cfg: ModelConfig, mesh_spec: str, *, platform: str, batch: int, max_len: int, chunk: int,
+def check(cfg: ModelConfig, mesh_spec, *, platform: str, batch: int, max_len: int, chunk: int,
           dtype=jnp.bfloat16, numerics: str = "reference", fp8_weights: bool = True,
           attention_impl: str | None = None, compile: bool = False, block: int = 16) -> dict:
     """Lower (and for platform "cpu" optionally compile) the decode block and a prefill chunk.
@@ -104,7 +104,7 @@ def check(cfg: ModelConfig, mesh_spec: str, *, platform: str, batch: int, max_le
     """
     from dsv32_jax.model import RuntimeOptions
 
-    mesh = make_mesh(mesh_spec) if mesh_spec else None
+    mesh = make_mesh(mesh_spec) if isinstance(mesh_spec, str) and mesh_spec else mesh_spec or None
     if attention_impl is None:
         attention_impl = "xla" if platform == "cpu" else "pallas"
     backend = None if platform == "cpu" else ("gpu" if platform == "cuda" else "tpu")

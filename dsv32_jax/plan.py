@@ -5,6 +5,16 @@ shards the logical-axis rules give it on the mesh; caches are the static decode 
 (normalised latent + rope key in the compute dtype, indexer key as e4m3 + one float32 scale in
 `reference` numerics or in the compute dtype in `exact`), split over the batch axes.
 The verdict keeps 10% of the device memory free for activations and workspace.
+
+--lower tpu|cuda asks the compiler too: the generation engine's decode block and one prefill
+chunk, with the Pallas kernels under shard_map and the ragged expert exchange, are traced from
+abstract arrays on the mesh (fake host devices stand in for the chips) and lowered for that
+platform, so a deployment is checked before anything is allocated. --compile compiles both for
+the CPU backend and prints XLA's own per-device argument / output / temporary bytes beside the
+formula above, and the collectives of the partitioned program.
+
+    python -m dsv32_jax.plan --config configs/deepseek-v3.2-exp.json --mesh expert=8 --batch 8 \
+        --max-len 32768 --device h200 --lower tpu --compile --layers 5
 """
 from __future__ import annotations
 
@@ -102,7 +112,8 @@ def _memory(arg: str | None) -> float | None:
     return value
 
 
-EXIT_CODES = {0: "the plan was computed (with --device: the model fits)",
+EXIT_CODES = {0: "the plan was computed (with --device: the model fits; with --lower/--compile: the compiler "
+                 "accepted both programs)",
               1: "with --device: the model does not fit in the device memory",
               2: "bad input (a flag, or the config file)"}
 
@@ -121,8 +132,57 @@ def build_parser():
     ap.add_argument("--mtp", action="store_true", help="count the multi-token-prediction layer too")
     ap.add_argument("--device", default=None,
                     help=f"device memory: a name ({', '.join(DEVICES)}) or a size such as 141GB or 95GiB")
+    ap.add_argument("--lower", choices=("tpu", "cuda", "cpu"), default=None,
+                    help="also ask the compiler: lower the engine's decode block and one prefill chunk for this "
+                         "platform on the mesh, with the Pallas kernels (tpu/cuda), from abstract arrays "
+                         "(nothing is allocated; fake host devices stand in for the mesh)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also compile both for the CPU backend and report XLA's per-device argument / output / "
+                         "temporary bytes beside the formula (XLA:CPU temporaries are larger than TPU/GPU ones: "
+                         "it computes bf16 dots in float32)")
+    ap.add_argument("--chunk", type=int_at_least(1), default=256, help="prefill chunk for --lower/--compile")
+    ap.add_argument("--layers", type=int_at_least(1), default=None,
+                    help="override num_hidden_layers (a quicker --lower/--compile of a shallower model)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap
+
+
+def _host_devices(n: int):
+    """n CPU devices for a compiler check (fake host devices when the process can still make them)."""
+    import os
+
+    import jax
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                 if not f.startswith("--xla_force_host_platform_device_count")]
+        os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={max(n, 1)}"])
+    cpus = jax.devices("cpu")
+    if len(cpus) < n:
+        raise CliError(f"--mesh needs {n} devices for the compiler check but this process has {len(cpus)} host "
+                       f"devices; run plan in a fresh process (it then makes {n})")
+    return cpus[:n]
+
+
+def compiler_check(cfg, args) -> dict:
+    """{"decode": {...}, "prefill": {...}} from dsv32_jax.compile_check for --lower / --compile."""
+    from dsv32_jax import compile_check
+    from dsv32_jax.sharding import make_mesh, parse_mesh
+
+    if args.layers:
+        cfg = cfg.replace(num_hidden_layers=args.layers)
+    devices = _host_devices(math.prod(parse_mesh(args.mesh).values()))
+    mesh = make_mesh(args.mesh, devices=devices) if args.mesh else None
+    fp8 = args.weights == "fp8" and cfg.fp8_block_size is not None
+    out = {}
+    for platform, comp in ((args.lower, False), ("cpu" if args.compile else None, True)):
+        if platform is None:
+            continue
+        res = compile_check.check(cfg, mesh, platform=platform, batch=args.batch, max_len=args.max_len,
+                                  chunk=args.chunk, numerics=args.numerics, fp8_weights=fp8, compile=comp)
+        out["compiled_cpu" if comp else f"lowered_{platform}"] = res
+    return out
 
 
 def _main(args) -> int:
@@ -137,8 +197,15 @@ def _main(args) -> int:
     except ValueError as e:         # ConfigError names the file and the field
         raise CliError(f"--config: {e}") from None
     fp8 = args.weights == "fp8" and cfg.fp8_block_size is not None
-    out = plan(cfg, args.mesh, max_len=args.max_len, batch=args.batch, fp8_weights=fp8, numerics=args.numerics,
+    plan_cfg = cfg if not args.layers else cfg.replace(num_hidden_layers=args.layers)
+    out = plan(plan_cfg, args.mesh, max_len=args.max_len, batch=args.batch, fp8_weights=fp8, numerics=args.numerics,
                mtp=args.mtp, device_memory_gib=memory)
+    if args.lower or args.compile:
+        out["compiler"] = compiler_check(cfg, args)
+        comp = out["compiler"].get("compiled_cpu", {}).get("decode")
+        if comp:
+            out["compiler"]["decode_arguments_over_formula"] = round(
+                comp["argument_bytes"] / max(1, out["total_bytes_per_device"]), 4)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -150,6 +217,18 @@ def _main(args) -> int:
               f"({out['batch']} x {out['max_len']} tokens, {out['cache_bytes_per_token_per_layer']} B/token/layer)")
         if "verdict" in out:
             print(f"  {out['verdict']}")
+        for name, res in out.get("compiler", {}).items():
+            if not isinstance(res, dict):
+                continue
+            for step, r in res.items():
+                line = f"  {name} {step}: lowered in {r['lower_s']}s"
+                if "compile_s" in r:
+                    line += (f", compiled in {r['compile_s']}s; per device: arguments {r['argument_bytes'] / GiB:.2f} "
+                             f"GiB, outputs {r['output_bytes'] / GiB:.2f} GiB, temporaries {r['temp_bytes'] / GiB:.2f} GiB")
+                coll = r.get("collectives", r.get("lowered_collectives", {}))
+                if coll:
+                    line += "; collectives " + ", ".join(f"{k} x{v['count']} ({v['bytes']} B)" for k, v in coll.items())
+                print(line)
     return 0 if out.get("fits", True) else 1
 
 
