@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import ml_dtypes
+import jax
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
@@ -20,12 +21,21 @@ from dsv32_jax.params import hf_source
 MAX_SHARD_BYTES = 2 * 2**30
 
 
+def host_value(x) -> np.ndarray:
+    """A whole array on the host, also when it is split over several processes (multi-host:
+    every process must call this, in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def hf_tensors(module) -> dict[str, np.ndarray]:
     """{checkpoint name: numpy array} for every parameter of a Transformer module."""
     cfg = module.cfg
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        value = np.asarray(var.get_value())
+        value = host_value(var.get_value())
         if value.dtype == np.dtype("bfloat16"):
             value = value.astype(ml_dtypes.bfloat16)
         src = hf_source(tuple(path), cfg)
@@ -42,10 +52,13 @@ def hf_tensors(module) -> dict[str, np.ndarray]:
 
 
 def save_hf(module, out_dir, *, extra_files: dict[str, str | bytes] | None = None) -> Path:
-    """Write `module` (a dsv32_jax Transformer) as safetensors shards + index + config.json."""
+    """Write `module` (a dsv32_jax Transformer) as safetensors shards + index + config.json.
+    Multi-host: every process calls it (to gather split parameters); process 0 writes."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = hf_tensors(module)
+    if jax.process_index() != 0:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     shards, cur, size = [], {}, 0
     for name in sorted(tensors):
         nbytes = tensors[name].nbytes

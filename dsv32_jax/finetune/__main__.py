@@ -17,6 +17,11 @@ cut conversations are reported. Ctrl-C finishes the current step, saves a checkp
 exits with status 130. Rerunning the same command after an interruption (Ctrl-C or a kill)
 resumes from the latest checkpoint, drops log rows of steps after it, and produces the same
 adapters as an uninterrupted run; rerunning a finished run re-exports and keeps its summary.
+
+Multi-host: start the same command on every host (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID) with a --mesh over all devices; each batch is split over the processes, all of
+them take the same steps and write the (shared) checkpoints together, and process 0 writes the
+logs, the exports and the summary.
 """
 from __future__ import annotations
 
@@ -114,7 +119,14 @@ def _read_log(path: Path) -> list[dict]:
     return rows
 
 
+def _main_process() -> bool:
+    """Multi-host: every process trains (same steps, its shards); only process 0 writes files."""
+    return jax.process_index() == 0
+
+
 def _write_atomic(path: Path, text: str):
+    if not _main_process():
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -129,6 +141,8 @@ def truncate_log(path: Path, step: int):
 
 
 def _append_log(path: Path, record: dict):
+    if not _main_process():
+        return
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -331,7 +345,8 @@ def train(args, *, stop_after: int | None = None) -> dict:
     truncate_log(log_path, trainer.step)
 
     tokens_per_step = args.batch * args.seq_len
-    pbar = tqdm(total=args.steps, initial=trainer.step, disable=args.quiet, unit="step", dynamic_ncols=True)
+    pbar = tqdm(total=args.steps, initial=trainer.step, disable=args.quiet or not _main_process(), unit="step",
+                dynamic_ncols=True)
     ran = 0
     try:
         with _StopRequest() as stop:
@@ -399,7 +414,8 @@ def _main(args) -> int:
         from dsv32_jax.sharding import maybe_initialize_distributed
         maybe_initialize_distributed()
     summary = train(args)
-    print(json.dumps(summary))
+    if _main_process():
+        print(json.dumps(summary))
     return 0
 
 

@@ -366,11 +366,14 @@ def peft_tensors(model) -> dict[str, np.ndarray]:
 
 
 def save_peft(model, out_dir, base_model_name_or_path: str = "") -> Path:
-    """Write `adapter_model.safetensors` + `adapter_config.json` (PEFT LoRA layout) to out_dir."""
+    """Write `adapter_model.safetensors` + `adapter_config.json` (PEFT LoRA layout) to out_dir
+    (multi-host: process 0 writes; the adapters are replicated on every device)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cfg: LoRAConfig = model.lora.config
     tensors = peft_tensors(model)
+    if jax.process_index() != 0:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     modules = sorted({n.split(".")[-3] for n in tensors})
     config = {
