@@ -129,7 +129,7 @@ def token_nll(logits, targets):
 
 def forward_loss(model, batch):
     """Summed weighted NLL and weight total of a batch (inputs/targets/weights [B, T])."""
-    h, _, _ = model.hidden(batch["inputs"])
+    h, _, _ = model.hidden(batch["inputs"], segment_ids=batch.get("segments"))
     nll = token_nll(model.logits(h), batch["targets"])
     w = batch["weights"].astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(w)
