@@ -10,6 +10,13 @@ end adapter/ (PEFT-style safetensors + adapter_config.json) and merged/ (a Huggi
 checkpoint with the adapters folded in, readable by dsv32_jax.load; skipped with --no-merge).
 Rerunning the same command after an interruption resumes from the latest checkpoint and
 produces the same adapters as an uninterrupted run.
+
+Indexer alignment (--indexer-kl WEIGHT; on, weight 1, whenever the adapters touch the main
+attention): the lightning indexer gets LoRA adapters on wq_b and wk (the "indexer" preset) trained
+by its own KL loss towards the main attention (finetune.indexer_loss), so its selection follows the
+attention the LoRA run moves; the LM loss never reaches it. The exported adapter and the merged
+checkpoint carry these adapters. Evaluations report the indexer's recall (the share of the dense
+attention mass that falls in its top-k, per layer).
 """
 from __future__ import annotations
 
@@ -24,14 +31,15 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from dsv32_jax.finetune.data import MODES, ChatDataset
-from dsv32_jax.finetune.lora import TARGET_PRESETS, LoRAConfig, apply_lora, merged_module, save_peft, \
-    transfer_adapters
+from dsv32_jax.finetune.indexer_loss import summarize as summarize_alignment
+from dsv32_jax.finetune.lora import TARGET_PRESETS, LoRAConfig, apply_lora, find_targets, merged_module, \
+    save_peft, transfer_adapters
 from dsv32_jax.finetune.train import Checkpointer, TrainHParams, Trainer, load_balance
 
 # run_config.json keys that must match when resuming (everything that changes the result)
 RESUME_KEYS = ("ckpt", "data", "rank", "alpha", "dropout", "targets", "lr", "steps", "warmup", "batch",
                "seq_len", "mode", "thinking_mode", "dtype", "numerics", "weight_decay", "clip", "seed",
-               "fp8_weights", "attention_impl")
+               "fp8_weights", "attention_impl", "indexer_kl", "indexer_kl_stage")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
@@ -67,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: no FP8 simulation (default); reference: the official FP8 indexer/KV numerics")
     p.add_argument("--attention-impl", choices=("xla", "pallas", "interpret"), default=None,
                    help="default: pallas on GPU/TPU, xla on CPU")
+    p.add_argument("--indexer-kl", type=float, default=None, metavar="WEIGHT",
+                   help="weight of the indexer alignment loss; >0 adds LoRA adapters to the indexer's "
+                        "wq_b/wk trained by it (default: 1 when the adapters touch the main attention, else 0)")
+    p.add_argument("--indexer-kl-stage", choices=("dense", "sparse"), default="dense",
+                   help="alignment over all visible keys (dense: also moves the selection, one extra "
+                        "forward-only dense attention pass) or over the selected keys only (sparse: cheap "
+                        "at long context) (default dense)")
     p.add_argument("--mesh", help="device mesh such as 'data=4,tensor=2'")
     p.add_argument("--no-remat", action="store_true", help="keep all activations (no per-layer remat)")
     p.add_argument("--save-every", type=int, default=50,
@@ -127,11 +142,15 @@ def run(argv=None, *, stop_after: int | None = None) -> dict:
     train_ds = ChatDataset.from_jsonl(args.data, tokenizer, seed=args.seed, **data_kw)
     eval_ds = (ChatDataset.from_jsonl(args.eval_data, tokenizer, shuffle=False, **data_kw)
                if args.eval_data else None)
-    lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                          targets=tuple(t for t in args.targets.split(",") if t), seed=args.seed)
+    targets = tuple(t for t in args.targets.split(",") if t)
+    indexer_kl = resolve_indexer_kl(model, targets, args.indexer_kl)
+    if indexer_kl > 0 and "indexer" not in targets:
+        targets += ("indexer",)
+    lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets, seed=args.seed)
     apply_lora(model, lora_cfg)
     hp = TrainHParams(lr=args.lr, steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay,
-                      clip=args.clip, remat=not args.no_remat, seed=args.seed)
+                      clip=args.clip, remat=not args.no_remat, seed=args.seed, indexer_kl=indexer_kl,
+                      align_stage=args.indexer_kl_stage)
     trainer = Trainer(model, hp)
     ckpt = Checkpointer(out / "checkpoints")
     position = 0
@@ -153,13 +172,15 @@ def run(argv=None, *, stop_after: int | None = None) -> dict:
             position += args.batch
             ran += 1
             lb = load_balance(m.pop("expert_load"))
+            if "align_stats" in m:
+                lb.update(summarize_alignment(m.pop("align_stats")))
             last = {"step": trainer.step, **m, "tokens_per_s": tokens_per_step / dt, **lb}
             _log(log_path, last)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}",
                             moe_max=f"{lb.get('moe_max_load', 0):.2f}")
             if eval_ds is not None and (trainer.step % args.eval_every == 0 or trainer.step == args.steps):
-                ev = trainer.evaluate(eval_ds, args.batch)
+                ev = trainer.evaluate(eval_ds, args.batch, recall=True)
                 _log(log_path, {"step": trainer.step, **ev})
                 bar.write(f"step {trainer.step}: eval_loss {ev['eval_loss']:.4f}")
                 last.update(ev)
@@ -178,6 +199,18 @@ def run(argv=None, *, stop_after: int | None = None) -> dict:
     summary = {"step": trainer.step, "data_position": position, **{k: v for k, v in last.items() if k != "step"}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def resolve_indexer_kl(model, targets, weight) -> float:
+    """--indexer-kl: the given weight, or by default 1 when some adapter target is a module of the
+    main attention (outside the indexer), else 0."""
+    if weight is not None:
+        if weight < 0:
+            raise SystemExit(f"error: --indexer-kl must be >= 0, got {weight}")
+        return float(weight)
+    touched = find_targets(model, LoRAConfig(targets=targets))
+    attn = any("attn" in p and "indexer" not in p for p, _ in touched)
+    return 1.0 if attn else 0.0
 
 
 def export_merged(model, args, tok_dir: Path, dest: Path):

@@ -17,7 +17,9 @@ model's numerics: the FP8 path of "reference" numerics is a rounding of these sa
 
 Recall (no gradient, dense attention): for queries with more than K = index_topk visible keys,
 recall_t = sum_{s in S_t} p_t(s), the share of the dense attention mass that the indexer's
-selection keeps, and ceiling_t = the mass of p_t's own top K (the best any K keys can keep).
+selection S_t (its top K of the same unquantised scores) keeps, and ceiling_t = the mass of p_t's
+own top K (the best any K keys can keep). S_t is the indexer's own top-k, not the layer's indices,
+so recall is also measured while the model runs dense (the warm-up).
 
 Nothing of size [T, T] per head is materialised: queries are processed `chunk` at a time with
 lax.map (dense: [B, chunk, H, L] logits; sparse: [B, chunk, H, K] over gathered rows), each chunk
@@ -79,9 +81,9 @@ def _masked_softmax(logits, valid):
     return e / jnp.where(d > 0, d, 1.0)
 
 
-def _dense_chunk(q, iq, iw, slot, start, idx, latent, ik, *, scale, topk):
+def _dense_chunk(q, iq, iw, slot, start, latent, ik, *, scale, topk):
     """One query chunk, dense stage. q [B, C, H, Dk], iq [B, C, Hi, D], iw [B, C, Hi],
-    slot/start [B, C] int32, idx [B, C, K] int32 -> stats [B, C, N_STATS]."""
+    slot/start [B, C] int32 -> stats [B, C, N_STATS]."""
     n = latent.shape[1]
     s = jnp.arange(n, dtype=jnp.int32)
     vis = (s[None, None, :] <= slot[..., None]) & (s[None, None, :] >= start[..., None])   # [B, C, L]
@@ -89,13 +91,13 @@ def _dense_chunk(q, iq, iw, slot, start, idx, latent, ik, *, scale, topk):
                         precision=HI) * scale
     p = jnp.mean(_masked_softmax(logits, vis[:, :, None, :]), axis=2)                      # [B, C, L]
     p = jax.lax.stop_gradient(p)
-    kl = _kl_rows(p, _index_scores(iq, iw, ik), vis)
-    # recall of the model's real selection and its ceiling, on queries that really select
-    sel = jnp.zeros_like(p, dtype=bool).at[jnp.arange(p.shape[0])[:, None, None],
-                                              jnp.arange(p.shape[1])[None, :, None],
-                                              jnp.where(idx >= 0, idx, n)].set(True, mode="drop")
-    recall = jnp.sum(jnp.where(sel, p, 0.0), axis=-1)
-    ceiling = jnp.sum(jax.lax.top_k(p, min(topk, n))[0], axis=-1)
+    scores = _index_scores(iq, iw, ik)
+    kl = _kl_rows(p, scores, vis)
+    # recall of the indexer's top-k and its ceiling, on queries that really select
+    kk = min(topk, n)
+    _, idx = jax.lax.top_k(jax.lax.stop_gradient(jnp.where(vis, scores, -jnp.inf)), kk)
+    recall = jnp.sum(jnp.take_along_axis(p, idx, axis=-1), axis=-1)
+    ceiling = jnp.sum(jax.lax.top_k(p, kk)[0], axis=-1)
     sparse_q = (jnp.sum(vis, axis=-1) > topk).astype(jnp.float32)
     one = jnp.ones_like(kl)
     return jnp.stack([kl, one, recall * sparse_q, ceiling * sparse_q, sparse_q], axis=-1)
@@ -117,11 +119,12 @@ def _sparse_chunk(q, iq, iw, idx, latent, ik, *, scale):
 
 
 def alignment_stats(mla, x, cos, sin, indices, *, stage: str, numerics: str = "exact", q_starts=None,
-                    chunk: int = 128):
+                    chunk: int = 128, topk: int | None = None):
     """Alignment statistics of one MLA layer (no cache: keys are this call's tokens).
 
     x [B, T, D] attn-normed hidden, cos/sin [B, T, R/2], indices [B, T, K] the layer's selection,
-    q_starts [B, T] int32 or None (packed rows). Returns float32 [N_STATS]:
+    q_starts [B, T] int32 or None (packed rows), topk: K of the recall (default cfg.index_topk).
+    Returns float32 [N_STATS]:
     [sum of per-query KL, number of queries, sum of recall, sum of ceiling, number of queries with
     more than K visible keys] (recall entries are 0 in the sparse stage). Differentiable w.r.t. the
     indexer's parameters only.
@@ -140,8 +143,8 @@ def alignment_stats(mla, x, cos, sin, indices, *, stage: str, numerics: str = "e
         indices = indices.astype(jnp.int32)
         if stage == "dense":
             fn = jax.checkpoint(lambda a: _dense_chunk(*a, latent, ik, scale=cfg.softmax_scale,
-                                                       topk=cfg.index_topk))
-            args = (q_full, iq, iw, slot, start, indices)
+                                                       topk=topk or cfg.index_topk))
+            args = (q_full, iq, iw, slot, start)
         else:
             fn = jax.checkpoint(lambda a: _sparse_chunk(*a, latent, ik, scale=cfg.softmax_scale))
             args = (q_full, iq, iw, indices)
@@ -173,8 +176,8 @@ class AlignStat(nnx.Variable):
 class AlignProbe(nnx.Module):
     """Wraps a layer's MLA: same outputs, and records `alignment_stats` of the call in `stats`."""
 
-    def __init__(self, mla, *, stage: str, chunk: int = 128):
-        self.mla, self.stage, self.chunk = mla, stage, chunk
+    def __init__(self, mla, *, stage: str, chunk: int = 128, topk: int | None = None):
+        self.mla, self.stage, self.chunk, self.topk = mla, stage, chunk, topk
         self.stats = AlignStat(jnp.zeros((N_STATS,), jnp.float32))
 
     def __call__(self, x, positions, cos, sin, *, numerics="exact", cache=None, q_starts=None, **kw):
@@ -182,17 +185,19 @@ class AlignProbe(nnx.Module):
         out, idx, new_cache = self.mla(x, positions, cos, sin, numerics=numerics, cache=cache, **kw2)
         if cache is None:
             self.stats[...] = alignment_stats(self.mla, x, cos, sin, idx, stage=self.stage,
-                                              numerics=numerics, q_starts=q_starts, chunk=self.chunk)
+                                              numerics=numerics, q_starts=q_starts, chunk=self.chunk,
+                                              topk=self.topk)
         return out, idx, new_cache
 
 
-def install_probes(model, *, stage: str, chunk: int = 128) -> list[AlignProbe]:
-    """Wrap every decoder layer's attention of a (traced) model copy; returns the probes."""
+def install_probes(model, *, stage: str, chunk: int = 128, topk: int | None = None) -> list[AlignProbe]:
+    """Wrap every decoder layer's attention of a (traced) model copy; returns the probes.
+    topk: K of the recall (default: the layers' cfg.index_topk)."""
     if stage not in STAGES:
         raise ValueError(f"alignment stage must be one of {STAGES}, got {stage!r}")
     probes = []
     for layer in model.layers:
-        probe = AlignProbe(layer.attn, stage=stage, chunk=chunk)
+        probe = AlignProbe(layer.attn, stage=stage, chunk=chunk, topk=topk)
         layer.attn = probe
         probes.append(probe)
     return probes
@@ -205,14 +210,17 @@ def probe_stats(probes):
 
 def summarize(stats) -> dict:
     """Host summary of [n_layers, N_STATS] stats (summed over batches): mean KL over layers and
-    queries, and per-layer recall / ceiling (mean over queries with more than K visible keys)."""
+    queries, and per-layer recall / ceiling (mean over queries with more than K visible keys;
+    None where there is no such query, e.g. in the sparse stage, which has no dense attention)."""
     import numpy as np
     s = np.asarray(stats, np.float64)
-    out = {"indexer_kl": float((s[:, 0] / np.maximum(s[:, 1], 1)).mean())}
+    out = {"indexer_kl": float((s[:, 0] / np.maximum(s[:, 1], 1)).mean()),
+           "indexer_recall": None, "attention_ceiling": None}
     if s[:, 4].sum() > 0:
         rec = s[:, 2] / np.maximum(s[:, 4], 1)
         ceil = s[:, 3] / np.maximum(s[:, 4], 1)
-        out.update(indexer_recall=float(rec.mean()), attention_ceiling=float(ceil.mean()),
-                   indexer_recall_per_layer=[float(r) for r in rec],
-                   attention_ceiling_per_layer=[float(c) for c in ceil])
+        has = s[:, 4] > 0
+        out.update(indexer_recall=float(rec[has].mean()), attention_ceiling=float(ceil[has].mean()),
+                   indexer_recall_per_layer=[float(r) if h else None for r, h in zip(rec, has)],
+                   attention_ceiling_per_layer=[float(c) if h else None for c, h in zip(ceil, has)])
     return out

@@ -46,6 +46,7 @@ class TrainHParams:
     indexer_kl: float = 0.0        # weight of the indexer alignment loss (0: not computed)
     align_stage: str = "sparse"    # "dense" (all visible keys) | "sparse" (the selected set)
     align_chunk: int = 128         # queries per chunk of the alignment loss
+    align_topk: int | None = None  # K of the logged recall (default: the layers' index_topk)
 
 
 def make_optimizer(hp: TrainHParams) -> optax.GradientTransformation:
@@ -167,7 +168,7 @@ def train_step(graphdef, hp: TrainHParams, lora, rest, opt_state, batch, step):
 
     def loss_fn(lora):
         model = nnx.merge(graphdef, lora, rest)
-        aprobes = (install_probes(model, stage=hp.align_stage, chunk=hp.align_chunk)
+        aprobes = (install_probes(model, stage=hp.align_stage, chunk=hp.align_chunk, topk=hp.align_topk)
                    if hp.indexer_kl > 0 else [])
         probes = instrument(model, remat=hp.remat, training=True, key_data=key_data)
         total, count = forward_loss(model, batch)
@@ -186,12 +187,12 @@ def train_step(graphdef, hp: TrainHParams, lora, rest, opt_state, batch, step):
     return lora, opt_state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "align_stage", "align_chunk"))
-def eval_step(graphdef, lora, rest, batch, align_stage=None, align_chunk=128):
+@functools.partial(jax.jit, static_argnames=("graphdef", "align_stage", "align_chunk", "align_topk"))
+def eval_step(graphdef, lora, rest, batch, align_stage=None, align_chunk=128, align_topk=None):
     """(summed NLL, weight total, expert_load [n_moe_layers, E]) of one batch, no dropout;
     with align_stage ("dense" gives the recall): + alignment stats [n_layers, N_STATS]."""
     model = nnx.merge(graphdef, lora, rest)
-    aprobes = install_probes(model, stage=align_stage, chunk=align_chunk) if align_stage else []
+    aprobes = install_probes(model, stage=align_stage, chunk=align_chunk, topk=align_topk) if align_stage else []
     probes = instrument(model, remat=False, training=False)
     total, count = forward_loss(model, batch)
     if align_stage:
@@ -258,7 +259,8 @@ class Trainer:
         for batch in dataset.sequential_batches(batch_size):
             if recall:
                 t, c, lo, st = eval_step(self.graphdef, self.lora, self.rest, self.device_batch(batch),
-                                         align_stage="dense", align_chunk=self.hp.align_chunk)
+                                         align_stage="dense", align_chunk=self.hp.align_chunk,
+                                         align_topk=self.hp.align_topk)
                 align = align + np.asarray(st)
             else:
                 t, c, lo = eval_step(self.graphdef, self.lora, self.rest, self.device_batch(batch))

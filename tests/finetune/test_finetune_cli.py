@@ -102,6 +102,12 @@ def test_cli_resume_is_exact_and_exports_load(ckpt, data_file, tmp_path):
     evals = [r for r in log if "eval_loss" in r]
     assert len(steps) == 6 and [r["step"] for r in evals] == [3, 6]
     assert all(r["tokens_per_s"] > 0 and r["moe_max_load"] >= 1.0 and "moe_cv" in r for r in steps)
+    # attention adapters switch the indexer alignment on by default: its KL and recall are logged
+    assert all(r["indexer_kl"] > 0 for r in steps)
+    live = [r for r in steps if r["indexer_recall"] is not None]    # rows with > index_topk keys
+    assert live and all(0 < r["indexer_recall"] <= r["attention_ceiling"] + 1e-6
+                        and len(r["indexer_recall_per_layer"]) == 2 for r in live)
+    assert all(0 < r["eval_indexer_recall"] <= 1 for r in evals)
 
     # interrupted after 3 steps (last checkpoint at step 2), then the same command again
     stopped = run(_args(ckpt, data_file, tmp_path / "b", "--no-merge"), stop_after=3)
@@ -111,7 +117,9 @@ def test_cli_resume_is_exact_and_exports_load(ckpt, data_file, tmp_path):
     assert resumed["step"] == 6 and resumed["data_position"] == 12
     a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
-    assert sorted(a) == sorted(b) and len(a) == 2 * (5 * 2 + 3)   # 5 MLA + 3 shared projections
+    # per layer 5 MLA + 2 indexer (wq_b, wk) adapters, + 3 shared-expert projections
+    assert sorted(a) == sorted(b) and len(a) == 2 * (7 * 2 + 3)
+    assert any("indexer.wq_b.lora_B" in k and np.abs(v).max() > 0 for k, v in a.items())
     for k in a:
         # same compiled step on the same restored values and data: bit-identical
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -131,3 +131,39 @@ def test_no_cross_gradients(tiny_hf, stage):
             n_main += int(np.any(a))
             assert not np.any(b), ("KL gradient reached", p)
     assert n_idx == 3 * 5 and n_main > 20
+
+
+def test_recall_matches_reference():
+    """Dense-stage recall / ceiling against numpy on the [B, H, T, T] reference attention. (Recall
+    uses the indexer's own top-k of its unquantised scores; in exact float32 numerics that is the
+    layer's selection idx, used here.)"""
+    mla, x, pos, cos, sin, starts = _setup()
+    _, idx, _ = mla(x, pos, cos, sin, numerics="exact", q_starts=starts)
+    st = np.asarray(alignment_stats(mla, x, cos, sin, idx, stage="dense", q_starts=starts, chunk=16))
+    cfg, h = CFG, CFG.num_attention_heads
+    nope, r, v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    q = mla.q_b(mla.q_norm(mla.q_a(x))).reshape(B, T, h, nope + r)
+    q = jnp.concatenate([q[..., :nope], rope_interleaved(q[..., nope:], cos, sin)], -1)
+    kv = mla.kv_a(x)
+    kvb = (mla.kv_norm(kv[..., :cfg.kv_lora_rank]) @ mla.kv_b.kernel[...]).reshape(B, T, h, nope + v)
+    k_pe = rope_interleaved(kv[..., cfg.kv_lora_rank:], cos, sin)
+    k = jnp.concatenate([kvb[..., :nope], jnp.broadcast_to(k_pe[:, :, None], (B, T, h, r))], -1)
+    logits = np.asarray(jnp.einsum("bthd,bshd->bhts", q, k)) * cfg.softmax_scale
+    idx, starts = np.asarray(idx), np.asarray(starts)
+    rec, ceil, n = 0.0, 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            vis = np.arange(starts[b, t], t + 1)
+            if len(vis) <= cfg.index_topk:
+                continue
+            lg = logits[b, :, t, vis]                                   # [len(vis), H]
+            p = np.exp(lg - lg.max(0)) / np.exp(lg - lg.max(0)).sum(0)
+            p = p.mean(1)
+            sel = set(idx[b, t][idx[b, t] >= 0].tolist())
+            rec += sum(pi for s, pi in zip(vis, p) if s in sel)
+            ceil += np.sort(p)[::-1][:cfg.index_topk].sum()
+            n += 1
+    assert st[4] == n > 20
+    # float32 vs float64 softmax of the same logits
+    np.testing.assert_allclose([st[2] / n, st[3] / n], [rec / n, ceil / n], rtol=1e-5)
+    assert rec / n < ceil / n - 0.05          # a random indexer keeps visibly less than the best k
