@@ -183,3 +183,14 @@ def test_cli_sigkill_mid_run_then_rerun_gives_identical_adapters(ckpt, data_file
     assert sorted(a) == sorted(b)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_recall_command(ckpt, data_file):
+    from dsv32_jax.finetune.recall import run as recall_run
+
+    res = recall_run(["--ckpt", str(ckpt), "--data", str(data_file), "--seq-len", "32", "--batch", "2",
+                      "--dtype", "float32"])
+    assert res["eval_loss"] > 0 and len(res["indexer_recall_per_layer"]) == 2
+    assert 0 < res["indexer_recall"] <= res["attention_ceiling"] + 1e-6 <= 1 + 1e-6
+    with pytest.raises(SystemExit, match="error: --data"):
+        recall_run(["--ckpt", str(ckpt), "--data", str(data_file) + ".missing"])
