@@ -5,7 +5,7 @@
 1. A tiny one-layer DSA model (index_topk K = 8, T = 64 = 8 K) with peaked attention (main-attention
    weights x12, tokens from a 32-word vocabulary) gets an aligned indexer by the dense warm-up
    (finetune.train_indexer's stage 1, in memory).
-2. LoRA fine-tune (rank 8 on the attention projections) through the sparse attention on a copy task
+2. LoRA fine-tune (rank 8 on the attention and MLP projections) through the sparse attention on a copy task
    whose answer sits a fixed 24 tokens back (x[t] = x[t - 24] after the first 24 tokens): the
    attention must move to a key the aligned indexer has no reason to select.
    a) --indexer-kl 0: the indexer stays as it was;
@@ -45,13 +45,13 @@ def random_rows(rng, n):
     return rng.integers(0, V, (n, T + 1)).astype(np.int32)
 
 
-def copy_rows(rng, n):
-    """x[t] = x[t - D] for t >= D; loss weight on those targets only."""
+def copy_rows(rng, n, d=D):
+    """x[t] = x[t - d] for t >= d; loss weight on those targets only."""
     tok = rng.integers(0, V, (n, T + 1)).astype(np.int32)
-    for t in range(D, T + 1):
-        tok[:, t] = tok[:, t - D]
+    for t in range(d, T + 1):
+        tok[:, t] = tok[:, t - d]
     mask = np.zeros_like(tok, np.float32)
-    mask[:, D:] = 1.0
+    mask[:, d:] = 1.0
     return tok, mask
 
 
@@ -73,15 +73,15 @@ def base_model(warmup_steps: int):
     return model
 
 
-def finetune(model, held_out, steps: int, kl: float, lr: float):
+def finetune(model, held_out, steps: int, kl: float, lr: float, targets=("attn",), rank: int = 8, d: int = D):
     model = nnx.clone(model)                 # an independent copy for this arm
-    targets = ("attn", "indexer") if kl > 0 else ("attn",)
-    apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=targets))
+    targets = tuple(targets) + (("indexer",) if kl > 0 else ())
+    apply_lora(model, LoRAConfig(rank=rank, alpha=2 * rank, targets=targets))
     hp = TrainHParams(lr=lr, steps=steps, warmup=10, remat=False, indexer_kl=kl, align_stage="dense",
                       align_topk=K, align_chunk=64)
     trainer = Trainer(model, hp)
     before = trainer.evaluate(held_out, B, recall=True)
-    tok, mask = copy_rows(np.random.default_rng(2), steps * B)
+    tok, mask = copy_rows(np.random.default_rng(2), steps * B, d)
     t0 = time.perf_counter()
     for i in range(steps):
         r, m = tok[i * B:(i + 1) * B], mask[i * B:(i + 1) * B]
@@ -96,15 +96,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300, help="LoRA fine-tuning steps per arm (default 300)")
     ap.add_argument("--warmup-steps", type=int, default=400, help="dense warm-up steps (default 400)")
-    ap.add_argument("--lr", type=float, default=1e-2, help="LoRA learning rate (default 1e-2)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate (default 2e-3)")
+    ap.add_argument("--copy-distance", type=int, default=D, help=f"copy distance (default {D})")
+    ap.add_argument("--targets", default="attn,mlp", help="LoRA targets of the main model (default attn,mlp)")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    ap.add_argument("--kl-weight", type=float, default=1.0, help="--indexer-kl of the aligned arm (default 1)")
     ap.add_argument("--out", help="also write the JSON here")
     args = ap.parse_args()
+    targets = tuple(t for t in args.targets.split(",") if t)
     base = base_model(args.warmup_steps)
-    held_out = ChatDataset(*copy_rows(np.random.default_rng(3), 16), shuffle=False)
-    res = {"config": {"T": T, "index_topk": K, "vocab": V, "copy_distance": D, "steps": args.steps,
-                      "warmup_steps": args.warmup_steps, "lr": args.lr},
-           "without_indexer_kl": finetune(base, held_out, args.steps, 0.0, args.lr),
-           "with_indexer_kl": finetune(base, held_out, args.steps, 1.0, args.lr)}
+    d = args.copy_distance
+    held_out = ChatDataset(*copy_rows(np.random.default_rng(3), 16, d), shuffle=False)
+    res = {"config": {"T": T, "index_topk": K, "vocab": V, "copy_distance": d, "steps": args.steps,
+                      "warmup_steps": args.warmup_steps, "lr": args.lr, "targets": list(targets),
+                      "rank": args.rank, "kl_weight": args.kl_weight},
+           "without_indexer_kl": finetune(base, held_out, args.steps, 0.0, args.lr, targets, args.rank, d),
+           "with_indexer_kl": finetune(base, held_out, args.steps, args.kl_weight, args.lr, targets, args.rank, d)}
     for arm in ("without_indexer_kl", "with_indexer_kl"):
         a = res[arm]["after"]
         a["ceiling_minus_recall"] = a["attention_ceiling"] - a["indexer_recall"]

@@ -107,7 +107,7 @@ class Transformer(nnx.Module):
     def hidden(self, input_ids, positions=None, caches=None, kv_lengths=None, segment_ids=None):
         """input_ids [B, T] -> (final normed hidden [B, T, D], per-layer indices, new caches).
 
-        segment_ids [B, T] int or None: packed rows (finetune.packing): rope positions restart
+        segment_ids [B, T] int or None: packed rows (dsv32_jax.segments): rope positions restart
         at each segment and no token sees another segment's keys (no caches, no positions then).
         """
         b, t = input_ids.shape

@@ -4,9 +4,11 @@ A packed row of three conversations (20, 27 and 13 tokens, then 4 padding tokens
 conversation the logits it gets alone, and no layer's DSA selection may leave the query's segment.
 Every segment is longer than index_topk, so the selection is live inside each segment.
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import dsv32_jax
 from dsv32_jax.finetune.data import ChatDataset
@@ -31,10 +33,9 @@ def test_pack_rows_segments_follow_conversations():
     assert msk[1, -1] == 0
 
 
-@pytest.mark.parametrize("impl", ["xla", "interpret"])
-def test_packed_row_equals_each_conversation_alone(tiny_hf, impl):
+def test_packed_row_equals_each_conversation_alone(tiny_hf):
     _, path = tiny_hf
-    model = dsv32_jax.load(path, dtype=jnp.float32, attention_impl=impl, numerics="exact").module
+    model = dsv32_jax.load(path, dtype=jnp.float32, attention_impl="xla", numerics="exact").module
     k = model.cfg.index_topk
     assert min(LENS) > k
     rng = np.random.default_rng(0)
@@ -42,19 +43,26 @@ def test_packed_row_equals_each_conversation_alone(tiny_hf, impl):
     pad = 4
     ids = np.concatenate(convs + [np.ones(pad, np.int32)])[None]
     seg = np.concatenate([np.full(n, i) for i, n in enumerate(LENS)] + [np.full(pad, -1)])[None]
-    logits, indices = model.forward_with_indices(jnp.asarray(ids), segment_ids=jnp.asarray(seg))
-    logits = np.asarray(logits)
+    gd, st = nnx.split(model)
+    fwd = jax.jit(lambda st, ids, seg: nnx.merge(gd, st).forward_with_indices(ids, seg))
+    logits, indices = fwd(st, jnp.asarray(ids), jnp.asarray(seg))
+    # each conversation alone: one row each, right-padded (causal, so the padding after a
+    # conversation changes neither its logits nor its selections)
+    alone_ids = np.ones((len(convs), max(LENS)), np.int32)
+    for i, c in enumerate(convs):
+        alone_ids[i, :len(c)] = c
+    alone, alone_idx = jax.jit(lambda st, ids: nnx.merge(gd, st).forward_with_indices(ids))(
+        st, jnp.asarray(alone_ids))
+    logits, alone = np.asarray(logits), np.asarray(alone)
     start = 0
-    for conv in convs:
+    for i, conv in enumerate(convs):
         n = len(conv)
-        alone, alone_idx = model.forward_with_indices(jnp.asarray(conv[None]))
-        alone = np.asarray(alone)
+        ref = alone[i, :n]
         # float32 on both sides, the same per-token math; only matmul shapes (and so XLA's
         # blocking/summation order) differ: observed max difference ~1e-6 of max|logit|
-        np.testing.assert_allclose(logits[0, start:start + n], alone[0], rtol=0,
-                                   atol=2e-5 * np.abs(alone).max())
+        np.testing.assert_allclose(logits[0, start:start + n], ref, rtol=0, atol=2e-5 * np.abs(ref).max())
         for layer, (pi, ai) in enumerate(zip(indices, alone_idx)):
-            pi, ai = np.asarray(pi)[0, start:start + n], np.asarray(ai)[0]
+            pi, ai = np.asarray(pi)[0, start:start + n], np.asarray(ai)[i, :n]
             t = np.arange(n)[:, None]
             assert np.all((pi == -1) | ((pi >= start) & (pi <= start + t))), layer
             for q in range(n):     # the same keys, shifted by the segment start (as sets)
@@ -75,3 +83,32 @@ def test_dataset_batches_carry_segments(tok, tmp_path):
     # every conversation (each starts with BOS) begins a new segment
     assert all(b.segments[0, i] != b.segments[0, i - 1] for i in bos if i > 0)
     assert ChatDataset.from_jsonl(p, tok, seq_len=48, mode="pad").batch(0, 1).segments is None
+
+
+def test_kernel_seam_passes_segment_starts():
+    """attention_impl "interpret" (the TPU top-k kernel + sparse MLA kernel in interpret mode)
+    selects the same keys as the plain-jnp path for a packed MLA call (the kernel's own
+    segment tests: tests/kernels/test_indexer_topk.py)."""
+    from dsv32_jax.attention import MLA
+    from dsv32_jax.layers import rope_cos_sin
+    from dsv32_jax.config import ModelConfig
+
+    CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=16,
+                      num_hidden_layers=1, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
+                      qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=4,
+                      num_experts_per_tok=2, n_group=2, topk_group=1, index_n_heads=8, index_head_dim=32,
+                      index_topk=8, rope_original_max_position_embeddings=64, fp8_block_size=None)
+    t = 40
+    mla = MLA(CFG, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (1, t, CFG.hidden_size), jnp.float32)
+    seg = jnp.asarray([[0] * 15 + [1] * 25])
+    pos, starts = segment_layout(seg)
+    cos, sin = rope_cos_sin(CFG, pos)
+    out_x, idx_x, _ = mla(x, pos, cos, sin, numerics="exact", attention_impl="xla", q_starts=starts)
+    out_i, idx_i, _ = mla(x, pos, cos, sin, numerics="exact", attention_impl="interpret", q_starts=starts)
+    ix, ii = np.asarray(idx_x)[0], np.asarray(idx_i)[0]
+    assert np.all((ii == -1) | ((ii >= np.asarray(starts)[0, :, None]) & (ii <= np.arange(t)[:, None])))
+    assert all(set(a.tolist()) == set(b.tolist()) for a, b in zip(ix, ii))
+    # float32; only the summation order of the kernels differs
+    np.testing.assert_allclose(np.asarray(out_i), np.asarray(out_x), rtol=0,
+                               atol=1e-5 * float(np.abs(np.asarray(out_x)).max()))
