@@ -182,7 +182,10 @@ def run(argv=None, *, stop_after: int | None = None) -> dict:
             if eval_ds is not None and (trainer.step % args.eval_every == 0 or trainer.step == args.steps):
                 ev = trainer.evaluate(eval_ds, args.batch, recall=True)
                 _log(log_path, {"step": trainer.step, **ev})
-                bar.write(f"step {trainer.step}: eval_loss {ev['eval_loss']:.4f}")
+                rec = ev.get("eval_indexer_recall")
+                bar.write(f"step {trainer.step}: eval_loss {ev['eval_loss']:.4f}" +
+                          (f" indexer_recall {rec:.3f} (ceiling {ev['eval_attention_ceiling']:.3f})"
+                           if rec is not None else ""))
                 last.update(ev)
             if trainer.step % args.save_every == 0 or trainer.step == args.steps:
                 ckpt.save(trainer, {"data_position": position})
