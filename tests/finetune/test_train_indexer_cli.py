@@ -1,6 +1,6 @@
 """The two-stage CLI end to end on a tiny dense MLA checkpoint (the oracle model minus its indexer
 tensors, real tokenizer): dense warm-up with an interruption and exact resume, then the sparse stage
-from the warm-up's exported checkpoint. float32, numerics "exact", seq-len 32 > index_topk 8."""
+from the warm-up's exported checkpoint. float32, numerics "exact", seq-len 24 > index_topk 8."""
 import json
 import shutil
 
@@ -44,21 +44,21 @@ def _tensors(d):
 
 
 def _args(stage, ckpt, data, out, *extra):
-    return ["--stage", stage, "--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--steps", "4",
-            "--batch", "2", "--seq-len", "32", "--lr", "1e-2", "--warmup", "1", "--save-every", "1",
+    return ["--stage", stage, "--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--steps", "3",
+            "--batch", "2", "--seq-len", "24", "--lr", "1e-2", "--warmup", "1", "--save-every", "1",
             "--quiet", *extra]
 
 
 def test_dense_warmup_resume_then_sparse(dense_ckpt, tmp_path):
     ckpt, data, original = dense_ckpt
     full = run(_args("dense-warmup", ckpt, data, tmp_path / "a"))
-    assert full["step"] == 4 and full["fresh_indexer_tensors"] == 2 * 5
+    assert full["step"] == 3 and full["fresh_indexer_tensors"] == 2 * 5
     log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["indexer_kl"] < log[0]["indexer_kl"]
     assert all(r["indexer_recall"] is None or r["indexer_recall"] <= r["attention_ceiling"] + 1e-6 for r in log)
 
-    assert run(_args("dense-warmup", ckpt, data, tmp_path / "b"), stop_after=2) == {"stopped_at": 2}
-    assert run(_args("dense-warmup", ckpt, data, tmp_path / "b"))["step"] == 4
+    assert run(_args("dense-warmup", ckpt, data, tmp_path / "b"), stop_after=1) == {"stopped_at": 1}
+    assert run(_args("dense-warmup", ckpt, data, tmp_path / "b"))["step"] == 3
     a, b = _tensors(tmp_path / "a" / "model"), _tensors(tmp_path / "b" / "model")
     assert sorted(a) == sorted(original)                           # a complete DSA checkpoint
     for k in a:
@@ -67,7 +67,7 @@ def test_dense_warmup_resume_then_sparse(dense_ckpt, tmp_path):
             np.testing.assert_array_equal(a[k], original[k], err_msg=k)
 
     sparse = run(_args("sparse", tmp_path / "a" / "model", data, tmp_path / "s", "--rank", "4"))
-    assert sparse["step"] == 4 and sparse["fresh_indexer_tensors"] == 0 and sparse["indexer_kl"] >= 0
+    assert sparse["step"] == 3 and sparse["fresh_indexer_tensors"] == 0 and sparse["indexer_kl"] >= 0
     s = _tensors(tmp_path / "s" / "model")
     changed = {k for k in s if not np.array_equal(s[k], a[k])}
     assert any(".indexer." in k for k in changed) and any("q_b_proj" in k for k in changed)
