@@ -137,10 +137,12 @@ class MLA(nnx.Module):
         return jnp.concatenate([c, rope_interleaved(kv[..., r:], cos, sin)], axis=-1)
 
     def __call__(self, x, positions, cos, sin, *, numerics="exact", attention_impl="auto",
-                 cache: LayerCache | None = None, kv_lengths=None):
+                 cache: LayerCache | None = None, kv_lengths=None, q_starts=None):
         """x [B, T, D], positions [B, T] int32 absolute, cos/sin [B, T, rope/2].
 
-        Without a cache, the keys are this call's tokens (positions must be 0..T-1).
+        Without a cache, the keys are this call's tokens: key slot = token index 0..T-1, and
+        causality runs over slots (positions only feed rope through cos/sin). q_starts [B, T]
+        int32 or None: lowest visible key slot per query (packed rows: the segment start).
         With a cache, this call's entries are written at `positions` and the keys are the
         whole cache; `kv_lengths` [B] bounds the valid slots.
         Returns (out [B, T, D], indices [B, T, K] int32, new cache or None).
@@ -174,18 +176,19 @@ class MLA(nnx.Module):
         index_impl, attn_impl, backend = resolve_attention(attention_impl, self.kernel_backend)
         mesh = self.mesh
 
-        def attend(q_full_c, iq_c, iw_c, qpos_c):
+        def attend(q_full_c, iq_c, iw_c, qpos_c, qst_c=None):
             idx = sharded_indexer_topk(iq_c, index_k, iw_c, mesh=mesh, topk=cfg.index_topk,
                                        q_positions=qpos_c, k_scale=index_k_scale, kv_lengths=kv_lengths,
-                                       impl=index_impl, backend=backend)
+                                       q_starts=qst_c, impl=index_impl, backend=backend)
             o = sharded_sparse_mla(q_full_c, keys, idx, mesh=mesh, softmax_scale=cfg.softmax_scale,
                                    v_dim=cfg.kv_lora_rank, impl=attn_impl, backend=backend)
             return o, idx
 
+        args = (q_full, iq, iw, q_positions) + (() if q_starts is None else (q_starts.astype(jnp.int32),))
         if index_impl in ("reference", "xla") and t > XLA_QUERY_CHUNK:
-            o_lat, idx = _map_query_chunks(attend, (q_full, iq, iw, q_positions), XLA_QUERY_CHUNK)
+            o_lat, idx = _map_query_chunks(attend, args, XLA_QUERY_CHUNK)
         else:
-            o_lat, idx = attend(q_full, iq, iw, q_positions)
+            o_lat, idx = attend(*args)
         o = jnp.einsum("bthc,chv->bthv", o_lat.astype(x.dtype), wkv_b[..., nope:].astype(x.dtype),
                        preferred_element_type=jnp.float32).astype(x.dtype)
         return self.o(o.reshape(b, t, h * v)), idx, cache

@@ -10,7 +10,8 @@ Numerics (`numerics=`):
   "exact"      scores from q/k in the compute dtype, float32 accumulation (what transformers does).
   "reference"  the official code: q/k rounded to bf16, Hadamard-rotated, quantised to e4m3 with one
                power-of-two scale per vector; keys cached as e4m3 + one float32 scale per token.
-The indexer gets no gradient from the LM loss (the official training detaches it).
+The indexer's inputs (x, qr) are detached: the LM loss cannot reach it (its output is integer
+indices anyway) and its own alignment loss (finetune.indexer_loss) cannot reach the main model.
 """
 from __future__ import annotations
 
@@ -42,9 +43,8 @@ class Indexer(nnx.Module):
     def keys(self, x, cos, sin, numerics: str):
         """x [B, T, D_model] -> (k [B, T, D] (compute dtype, or float8_e4m3fn), k_scale [B, T] f32 | None)."""
         r = self.cfg.qk_rope_head_dim
-        k = self.k_norm(self.wk(x))
+        k = self.k_norm(self.wk(jax.lax.stop_gradient(x)))
         k = jnp.concatenate([rope_half_split(k[..., :r], cos, sin), k[..., r:]], axis=-1)
-        k = jax.lax.stop_gradient(k)
         if numerics == "exact":
             return k, None
         return quantize_keys(k)

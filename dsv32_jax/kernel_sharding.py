@@ -48,7 +48,7 @@ from pallas_kernels.sparse_mla import sparse_mla
 SPARSE_MLA_AXES = {"q": ("batch", None, "heads", None), "kv": ("batch", None, None),
                    "indices": ("batch", None, None), "out": ("batch", None, "heads", None)}
 INDEXER_AXES = {"q": ("batch", None, None, None), "k": ("batch", None, None),
-                "weights": ("batch", None, None), "q_positions": ("batch", None),
+                "weights": ("batch", None, None), "q_positions": ("batch", None), "q_starts": ("batch", None),
                 "k_scale": ("batch", None), "kv_lengths": ("batch",), "out": ("batch", None, None)}
 
 
@@ -83,20 +83,22 @@ def sharded_sparse_mla(q, kv, indices, *, mesh: Mesh | None, softmax_scale, v_di
 
 
 def sharded_indexer_topk(q, k, weights, *, mesh: Mesh | None, topk, q_positions, k_scale=None,
-                         kv_lengths=None, **op_options):
+                         kv_lengths=None, q_starts=None, **op_options):
     """`pallas_kernels.indexer_topk` on the per-device slice under `mesh` (directly without one).
 
     q [B, T, Hi, D], k [B, L, D], weights [B, T, Hi] f32, q_positions [B, T] int32,
-    k_scale [B, L] f32 | None, kv_lengths [B] int32 | None -> int32 [B, T, min(topk, L)].
+    k_scale [B, L] f32 | None, kv_lengths [B] int32 | None, q_starts [B, T] int32 | None (lowest
+    visible key per query: packed segments) -> int32 [B, T, min(topk, L)].
     op_options: impl, backend, kernel options (see indexer_topk).
     """
     args = {"q": q, "k": k, "weights": weights, "q_positions": q_positions, "k_scale": k_scale,
-            "kv_lengths": kv_lengths}
+            "kv_lengths": kv_lengths, "q_starts": q_starts}
     args = {name: a for name, a in args.items() if a is not None}
 
     def local(a):
+        extra = {"q_starts": a["q_starts"]} if "q_starts" in a else {}
         return indexer_topk(a["q"], a["k"], a["weights"], topk=topk, q_positions=a["q_positions"],
-                            k_scale=a.get("k_scale"), kv_lengths=a.get("kv_lengths"), **op_options)
+                            k_scale=a.get("k_scale"), kv_lengths=a.get("kv_lengths"), **extra, **op_options)
 
     with jax.named_scope("indexer_topk"):
         if mesh is None:

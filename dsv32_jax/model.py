@@ -18,6 +18,7 @@ from dsv32_jax.config import ModelConfig
 from dsv32_jax.indexer import NUMERICS
 from dsv32_jax.layers import Embed, Linear, RMSNorm, rope_cos_sin
 from dsv32_jax.moe import MLP, MoE
+from dsv32_jax.segments import segment_layout
 from dsv32_jax.sharding import constrain_batch, spec_for
 
 # Logical axes of the decode caches (declared once, like the parameters'): the batch is split
@@ -74,9 +75,11 @@ class Block(nnx.Module):
         self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block, mesh=mesh) if is_moe else
                     MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs, fp8_block=fp8_block))
 
-    def __call__(self, h, positions, cos, sin, *, numerics, attention_impl, cache=None, kv_lengths=None):
+    def __call__(self, h, positions, cos, sin, *, numerics, attention_impl, cache=None, kv_lengths=None,
+                 q_starts=None):
         a, idx, cache = self.attn(self.attn_norm(h), positions, cos, sin, numerics=numerics,
-                                  attention_impl=attention_impl, cache=cache, kv_lengths=kv_lengths)
+                                  attention_impl=attention_impl, cache=cache, kv_lengths=kv_lengths,
+                                  **({} if q_starts is None else {"q_starts": q_starts}))
         h = h + a
         h = h + self.mlp(self.ffn_norm(h))
         return h, idx, cache
@@ -120,9 +123,18 @@ class Transformer(nnx.Module):
                             kernel_backend=options.kernel_backend) if options.mtp else None)
 
     # ------------------------------------------------------------------ forward
-    def hidden(self, input_ids, positions=None, caches=None, kv_lengths=None):
-        """input_ids [B, T] -> (final normed hidden [B, T, D], per-layer indices, new caches)."""
+    def hidden(self, input_ids, positions=None, caches=None, kv_lengths=None, segment_ids=None):
+        """input_ids [B, T] -> (final normed hidden [B, T, D], per-layer indices, new caches).
+
+        segment_ids [B, T] int or None: packed rows (dsv32_jax.segments): rope positions restart
+        at each segment and no token sees another segment's keys (no caches, no positions then).
+        """
         b, t = input_ids.shape
+        q_starts = None
+        if segment_ids is not None:
+            if caches is not None or positions is not None:
+                raise ValueError("segment_ids: packed rows take neither caches nor explicit positions")
+            positions, q_starts = segment_layout(segment_ids)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(self.cfg, positions)
@@ -132,7 +144,8 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             h, idx, c = layer(h, positions, cos, sin, numerics=self.options.numerics,
                               attention_impl=self.options.attention_impl,
-                              cache=None if caches is None else caches[i], kv_lengths=kv_lengths)
+                              cache=None if caches is None else caches[i], kv_lengths=kv_lengths,
+                              **({} if q_starts is None else {"q_starts": q_starts}))
             h = constrain_batch(h, mesh)
             indices.append(idx)
             new_caches.append(c)
@@ -143,14 +156,15 @@ class Transformer(nnx.Module):
         w = self.lm_head.weight()
         return jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids, positions=None):
-        """input_ids int32 [B, T] -> logits float32 [B, T, vocab] (a full causal forward)."""
-        h, _, _ = self.hidden(input_ids, positions)
+    def __call__(self, input_ids, positions=None, segment_ids=None):
+        """input_ids int32 [B, T] -> logits float32 [B, T, vocab] (a full causal forward;
+        segment_ids [B, T]: packed rows, see hidden)."""
+        h, _, _ = self.hidden(input_ids, positions, segment_ids=segment_ids)
         return self.logits(h)
 
-    def forward_with_indices(self, input_ids):
+    def forward_with_indices(self, input_ids, segment_ids=None):
         """Logits [B, T, V] and the DSA selections of every layer (list of int32 [B, T, K])."""
-        h, indices, _ = self.hidden(input_ids)
+        h, indices, _ = self.hidden(input_ids, segment_ids=segment_ids)
         return self.logits(h), indices
 
     def mtp_logits(self, hidden, next_ids, positions=None):

@@ -22,6 +22,13 @@ Multi-host: start the same command on every host (JAX_COORDINATOR_ADDRESS, JAX_N
 JAX_PROCESS_ID) with a --mesh over all devices; each batch is split over the processes, all of
 them take the same steps and write the (shared) checkpoints together, and process 0 writes the
 logs, the exports and the summary.
+
+Indexer alignment (--indexer-kl WEIGHT; on, weight 1, whenever the adapters touch the main
+attention): the lightning indexer gets LoRA adapters on wq_b and wk (the "indexer" preset) trained
+by its own KL loss towards the main attention (finetune.indexer_loss), so its selection follows the
+attention the LoRA run moves; the LM loss never reaches it. The exported adapter and the merged
+checkpoint carry these adapters. Evaluations report the indexer's recall (the share of the dense
+attention mass that falls in its top-k, per layer).
 """
 from __future__ import annotations
 
@@ -40,14 +47,15 @@ from tqdm import tqdm
 from dsv32_jax.cli import (ArgumentParser, CliError, LoadProgress, abspath, check_checkpoint_dir, check_mesh,
                            exit_codes_epilog, float_in, int_at_least, run_cli, warn)
 from dsv32_jax.finetune.data import MODES, ChatDataset
-from dsv32_jax.finetune.lora import TARGET_PRESETS, LoRAConfig, apply_lora, merged_module, save_peft, \
-    transfer_adapters
+from dsv32_jax.finetune.indexer_loss import summarize as summarize_alignment
+from dsv32_jax.finetune.lora import TARGET_PRESETS, LoRAConfig, apply_lora, find_targets, merged_module, \
+    save_peft, transfer_adapters
 from dsv32_jax.finetune.train import Checkpointer, TrainHParams, Trainer, load_balance
 
 # run_config.json keys that must match when resuming (everything that changes the result)
 RESUME_KEYS = ("ckpt", "data", "rank", "alpha", "dropout", "targets", "lr", "steps", "warmup", "batch",
                "seq_len", "mode", "thinking_mode", "dtype", "numerics", "weight_decay", "clip", "seed",
-               "fp8_weights", "attention_impl")
+               "fp8_weights", "attention_impl", "indexer_kl", "indexer_kl_stage")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 DTYPES = ("bfloat16", "float32")
 EXIT_CODES = {0: "trained (or already finished) and exported",
@@ -94,6 +102,13 @@ def build_parser() -> ArgumentParser:
                    help="exact: no FP8 simulation (default); reference: the official FP8 indexer/KV numerics")
     p.add_argument("--attention-impl", choices=("auto", "xla", "pallas", "interpret"), default="auto",
                    help="auto (default): pallas on GPU/TPU, xla on CPU")
+    p.add_argument("--indexer-kl", type=float, default=None, metavar="WEIGHT",
+                   help="weight of the indexer alignment loss; >0 adds LoRA adapters to the indexer's "
+                        "wq_b/wk trained by it (default: 1 when the adapters touch the main attention, else 0)")
+    p.add_argument("--indexer-kl-stage", choices=("dense", "sparse"), default="dense",
+                   help="alignment over all visible keys (dense: also moves the selection, one extra "
+                        "forward-only dense attention pass) or over the selected keys only (sparse: cheap "
+                        "at long context) (default dense)")
     p.add_argument("--mesh", help="device mesh such as 'data=4,tensor=2'")
     p.add_argument("--no-remat", action="store_true", help="keep all activations (no per-layer remat)")
     p.add_argument("--save-every", type=int_at_least(1), default=50,
@@ -256,8 +271,6 @@ def prepare(args) -> dict:
                            "conversion)")
     if args.warmup is None:
         args.warmup = max(1, args.steps // 20)
-    if args.attention_impl is None:
-        args.attention_impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
     config = {k: v for k, v in vars(args).items() if k != "debug"}
     config.update(ckpt=str(ckpt), data=str(data), out=str(out), eval_data=eval_data and str(eval_data),
                   tokenizer=args.tokenizer and str(tok_dir))
@@ -272,14 +285,18 @@ def prepare(args) -> dict:
     except Exception as e:  # noqa: BLE001 - a tokenizer file the tokenizers library cannot read
         raise CliError(f"{'--tokenizer' if args.tokenizer else '--ckpt'}: {tok_dir / 'tokenizer.json'}: cannot be "
                        f"read ({e})") from None
-    lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-                          targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()), seed=args.seed)
-    _check_targets(cfg, RuntimeOptions(dtype=jnp.dtype(args.dtype), fp8_weights=args.fp8_weights), lora_cfg)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    options = RuntimeOptions(dtype=jnp.dtype(args.dtype), fp8_weights=args.fp8_weights)
+    _check_targets(cfg, options, LoRAConfig(targets=targets))
+    indexer_kl = resolve_indexer_kl(cfg, options, targets, args.indexer_kl)
+    if indexer_kl > 0 and "indexer" not in targets:
+        targets += ("indexer",)
+    lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets, seed=args.seed)
     train_ds = _load_data("--data", data, tokenizer, args, cfg.vocab_size, shuffle=True)
     eval_ds = (_load_data("--eval-data", eval_data, tokenizer, args, cfg.vocab_size, shuffle=False)
                if eval_data else None)
     return {"ckpt": ckpt, "out": out, "tok_dir": tok_dir, "config": config, "resuming": resuming,
-            "lora_cfg": lora_cfg, "train_ds": train_ds, "eval_ds": eval_ds}
+            "lora_cfg": lora_cfg, "indexer_kl": indexer_kl, "train_ds": train_ds, "eval_ds": eval_ds}
 
 
 # ------------------------------------------------------------------------------ training
@@ -328,7 +345,8 @@ def train(args, *, stop_after: int | None = None) -> dict:
     model = loaded.module
     apply_lora(model, prep["lora_cfg"])
     hp = TrainHParams(lr=args.lr, steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay,
-                      clip=args.clip, remat=not args.no_remat, seed=args.seed)
+                      clip=args.clip, remat=not args.no_remat, seed=args.seed, indexer_kl=prep["indexer_kl"],
+                      align_stage=args.indexer_kl_stage)
     trainer = Trainer(model, hp)
 
     # every input is valid: from here on the run directory is written
@@ -359,14 +377,19 @@ def train(args, *, stop_after: int | None = None) -> dict:
                 position += args.batch
                 ran += 1
                 lb = load_balance(m.pop("expert_load"))
+                if "align_stats" in m:
+                    lb.update(summarize_alignment(m.pop("align_stats")))
                 _append_log(log_path, {"step": trainer.step, **m, "tokens_per_s": tokens_per_step / dt, **lb})
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}",
                                  moe_max=f"{lb.get('moe_max_load', 0):.2f}")
                 if eval_ds is not None and (trainer.step % args.eval_every == 0 or trainer.step == args.steps):
-                    ev = trainer.evaluate(eval_ds, args.batch)
+                    ev = trainer.evaluate(eval_ds, args.batch, recall=True)
                     _append_log(log_path, {"step": trainer.step, **ev})
-                    pbar.write(f"step {trainer.step}: eval_loss {ev['eval_loss']:.4f}")
+                    rec = ev.get("eval_indexer_recall")
+                    pbar.write(f"step {trainer.step}: eval_loss {ev['eval_loss']:.4f}" +
+                               (f" indexer_recall {rec:.3f} (ceiling {ev['eval_attention_ceiling']:.3f})"
+                                if rec is not None else ""))
                 if trainer.step % args.save_every == 0 or trainer.step == args.steps or stop.requested:
                     if ckpt.latest_step() != trainer.step:
                         ckpt.save(trainer, {"data_position": position})
@@ -394,6 +417,23 @@ def run(argv=None, *, stop_after: int | None = None) -> dict:
     save or export (what an interruption leaves behind). Returns a summary dict. Bad input
     raises CliError (SystemExit for a flag argparse rejects)."""
     return train(build_parser().parse_args(argv), stop_after=stop_after)
+
+
+def resolve_indexer_kl(cfg, options, targets, weight) -> float:
+    """--indexer-kl: the given weight, or by default 1 when some adapter target is a module of the
+    main attention (outside the indexer), else 0 (decided on the abstract model)."""
+    from flax import nnx
+
+    from dsv32_jax.model import Transformer
+
+    if weight is not None:
+        if not weight >= 0:
+            raise CliError(f"--indexer-kl must be >= 0, got {weight}")
+        return float(weight)
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, options, rngs=nnx.Rngs(0)))
+    touched = find_targets(abstract, LoRAConfig(targets=tuple(targets)))
+    attn = any("attn" in p and "indexer" not in p for p, _ in touched)
+    return 1.0 if attn else 0.0
 
 
 def export_merged(model, args, ckpt: Path, tok_dir: Path, dest: Path):

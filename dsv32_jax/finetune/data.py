@@ -8,8 +8,9 @@ and the tokens of assistant pieces (reasoning, content, tool calls and the closi
 `<｜Assistant｜><think>` opener belongs to the prompt) get loss weight 1, all others 0.
 
 Rows hold seq_len + 1 tokens: inputs = row[:-1], targets = row[1:], weights = mask[1:].
-  "pack": conversations are concatenated (each starts with BOS) and cut into rows; attention
-          is plain causal, so a packed row attends across conversation boundaries.
+  "pack": conversations are concatenated (each starts with BOS) and cut into rows; the rows
+          carry segment ids (finetune.packing): rope positions restart per conversation and
+          neither the attention nor the indexer sees another conversation's tokens.
   "pad":  one conversation per row, truncated to seq_len + 1, padded with EOS at weight 0.
 
 Order is deterministic: epoch e visits the rows in permutation `default_rng(seed + e)`, and
@@ -23,6 +24,7 @@ import json
 
 import numpy as np
 
+from dsv32_jax.finetune.packing import pack_rows
 from dsv32_jax.generate.chat import encode_messages
 
 MODES = ("pack", "pad")
@@ -96,7 +98,8 @@ def encode_conversation(messages, tokenizer, thinking_mode: str = "chat") -> tup
 
 
 def build_rows(examples, seq_len: int, mode: str, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """examples [(ids [N], mask [N])] -> (tokens int32 [R, seq_len + 1], mask float32 [R, seq_len + 1])."""
+    """examples [(ids [N], mask [N])] -> (tokens int32 [R, seq_len + 1], mask float32 [R, seq_len + 1]).
+    (Pack mode's segment ids: finetune.packing.pack_rows.)"""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     width = seq_len + 1
@@ -118,13 +121,18 @@ def build_rows(examples, seq_len: int, mode: str, pad_id: int) -> tuple[np.ndarr
 
 @dataclasses.dataclass
 class Batch:
-    """inputs/targets int32 [B, T], weights float32 [B, T] (loss weight of each target)."""
+    """inputs/targets int32 [B, T], weights float32 [B, T] (loss weight of each target),
+    segments int32 [B, T] or None (packed rows: segment id of each input token)."""
     inputs: np.ndarray
     targets: np.ndarray
     weights: np.ndarray
+    segments: np.ndarray | None = None
 
     def as_dict(self):
-        return {"inputs": self.inputs, "targets": self.targets, "weights": self.weights}
+        d = {"inputs": self.inputs, "targets": self.targets, "weights": self.weights}
+        if self.segments is not None:
+            d["segments"] = self.segments
+        return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +158,8 @@ class ChatDataset:
     """Fixed rows of a chat JSONL file, served in a deterministic shuffled order by position."""
 
     def __init__(self, tokens: np.ndarray, mask: np.ndarray, *, seed: int = 0, shuffle: bool = True,
-                 stats: DataStats | None = None):
-        self.tokens, self.mask = tokens, mask
+                 stats: DataStats | None = None, segments: np.ndarray | None = None):
+        self.tokens, self.mask, self.segments = tokens, mask, segments
         self.seed, self.shuffle = seed, shuffle
         self.stats = stats
         self._perms: dict[int, np.ndarray] = {}
@@ -171,7 +179,11 @@ class ChatDataset:
                 detail = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
                 raise ValueError(f"{path}:{lineno}: cannot render the conversation with the chat template: "
                                  f"{detail}") from None
-        tokens, mask = build_rows(examples, seq_len, mode, tokenizer.eos_id)
+        segments = None
+        if mode == "pack":
+            tokens, mask, segments = pack_rows(examples, seq_len, tokenizer.eos_id)
+        else:
+            tokens, mask = build_rows(examples, seq_len, mode, tokenizer.eos_id)
         firsts = [int(np.argmax(m > 0)) for _, m in examples if m.any()]
         stats = DataStats(conversations=len(examples), with_targets=len(firsts),
                           target_tokens=int(sum(m.sum() for _, m in examples)),
@@ -181,7 +193,7 @@ class ChatDataset:
         if vocab_size is not None and tokens.max() >= vocab_size:
             raise ValueError(f"{path}: token id {int(tokens.max())} is outside the model's vocabulary "
                              f"({vocab_size}); the tokenizer does not match the checkpoint")
-        return cls(tokens, mask, seed=seed, shuffle=shuffle, stats=stats)
+        return cls(tokens, mask, seed=seed, shuffle=shuffle, stats=stats, segments=segments)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -202,7 +214,8 @@ class ChatDataset:
         """The batch of rows position .. position + batch_size - 1 (wrapping over epochs)."""
         rows = [self._row(p) for p in range(position, position + batch_size)]
         tok, msk = self.tokens[rows], self.mask[rows]
-        return Batch(tok[:, :-1], tok[:, 1:], msk[:, 1:])
+        seg = None if self.segments is None else self.segments[rows][:, :-1]
+        return Batch(tok[:, :-1], tok[:, 1:], msk[:, 1:], seg)
 
     def sequential_batches(self, batch_size: int):
         """Every row once, in file order, in batches (the last one padded with weight-0 rows)."""
@@ -210,11 +223,14 @@ class ChatDataset:
         for start in range(0, n, batch_size):
             idx = list(range(start, min(start + batch_size, n)))
             tok, msk = self.tokens[idx], self.mask[idx].copy()
+            seg = None if self.segments is None else self.segments[idx]
             if len(idx) < batch_size:
                 extra = batch_size - len(idx)
                 tok = np.concatenate([tok, np.repeat(tok[:1], extra, 0)])
                 msk = np.concatenate([msk, np.zeros((extra, msk.shape[1]), np.float32)])
-            yield Batch(tok[:, :-1], tok[:, 1:], msk[:, 1:])
+                if seg is not None:
+                    seg = np.concatenate([seg, np.repeat(seg[:1], extra, 0)])
+            yield Batch(tok[:, :-1], tok[:, 1:], msk[:, 1:], None if seg is None else seg[:, :-1])
 
     @property
     def num_target_tokens(self) -> int:

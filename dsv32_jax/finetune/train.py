@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dsv32_jax.finetune.indexer_loss import N_STATS, AlignStat, install_probes, probe_stats, summarize
 from dsv32_jax.finetune.lora import LoRAKey, LoRAWeight
 from dsv32_jax.moe import MoE
 from dsv32_jax.sharding import batch_spec, put
@@ -42,6 +43,10 @@ class TrainHParams:
     b2: float = 0.999
     remat: bool = True
     seed: int = 0
+    indexer_kl: float = 0.0        # weight of the indexer alignment loss (0: not computed)
+    align_stage: str = "sparse"    # "dense" (all visible keys) | "sparse" (the selected set)
+    align_chunk: int = 128         # queries per chunk of the alignment loss
+    align_topk: int | None = None  # K of the logged recall (default: the layers' index_topk)
 
 
 def make_optimizer(hp: TrainHParams) -> optax.GradientTransformation:
@@ -94,7 +99,7 @@ class RematBlock(nnx.Module):
         def run(state, h, positions, cos, sin):
             blk = nnx.merge(graphdef, state)
             out = blk(h, positions, cos, sin, **kw)
-            return out, nnx.state(blk, LoadStat)
+            return out, nnx.state(blk, (LoadStat, AlignStat))
 
         out, stats = jax.checkpoint(run)(state, h, positions, cos, sin)
         nnx.update(self.block, stats)
@@ -129,7 +134,7 @@ def token_nll(logits, targets):
 
 def forward_loss(model, batch):
     """Summed weighted NLL and weight total of a batch (inputs/targets/weights [B, T])."""
-    h, _, _ = model.hidden(batch["inputs"])
+    h, _, _ = model.hidden(batch["inputs"], segment_ids=batch.get("segments"))
     nll = token_nll(model.logits(h), batch["targets"])
     w = batch["weights"].astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(w)
@@ -141,36 +146,57 @@ def _loads(probes):
     return jnp.stack([p.load[...] for p in probes])
 
 
+def _align(aprobes):
+    """(mean KL over layers, stats [n_layers, N_STATS]) of installed alignment probes."""
+    if not aprobes:
+        return jnp.zeros((), jnp.float32), jnp.zeros((0, N_STATS), jnp.float32)
+    stats = probe_stats(aprobes)
+    return jnp.mean(stats[:, 0] / jnp.maximum(stats[:, 1], 1.0)), stats
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "hp"), donate_argnames=("lora", "opt_state"))
 def train_step(graphdef, hp: TrainHParams, lora, rest, opt_state, batch, step):
-    """One AdamW step on the adapters. Returns (lora, opt_state, metrics).
+    """One AdamW step on the trainable state (adapters, or the indexer in the two-stage recipe).
+    Returns (lora, opt_state, metrics).
 
     metrics: loss (mean NLL over weighted targets), tokens (weight sum), grad_norm, lr,
-    expert_load float32 [n_moe_layers, E].
+    expert_load float32 [n_moe_layers, E], and with hp.indexer_kl > 0: indexer_kl (mean over
+    layers of the per-query alignment KL) and align_stats float32 [n_layers, N_STATS]. The
+    optimised objective is loss + hp.indexer_kl * indexer_kl.
     """
     key_data = jax.random.key_data(jax.random.fold_in(jax.random.key(hp.seed), step))
 
     def loss_fn(lora):
         model = nnx.merge(graphdef, lora, rest)
+        aprobes = (install_probes(model, stage=hp.align_stage, chunk=hp.align_chunk, topk=hp.align_topk)
+                   if hp.indexer_kl > 0 else [])
         probes = instrument(model, remat=hp.remat, training=True, key_data=key_data)
         total, count = forward_loss(model, batch)
-        return total / jnp.maximum(count, 1.0), (count, _loads(probes))
+        lm = total / jnp.maximum(count, 1.0)
+        kl, astats = _align(aprobes)
+        return lm + hp.indexer_kl * kl, (lm, count, _loads(probes), kl, astats)
 
-    (loss, (count, loads)), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
+    (_, (loss, count, loads, kl, astats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
     tx = make_optimizer(hp)
     updates, opt_state = tx.update(grads, opt_state, lora)
     lora = optax.apply_updates(lora, updates)
     metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads),
                "lr": lr_schedule(hp)(step), "expert_load": loads}
+    if hp.indexer_kl > 0:
+        metrics.update(indexer_kl=kl, align_stats=astats)
     return lora, opt_state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def eval_step(graphdef, lora, rest, batch):
-    """(summed NLL, weight total, expert_load [n_moe_layers, E]) of one batch, no dropout."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "align_stage", "align_chunk", "align_topk"))
+def eval_step(graphdef, lora, rest, batch, align_stage=None, align_chunk=128, align_topk=None):
+    """(summed NLL, weight total, expert_load [n_moe_layers, E]) of one batch, no dropout;
+    with align_stage ("dense" gives the recall): + alignment stats [n_layers, N_STATS]."""
     model = nnx.merge(graphdef, lora, rest)
+    aprobes = install_probes(model, stage=align_stage, chunk=align_chunk, topk=align_topk) if align_stage else []
     probes = instrument(model, remat=False, training=False)
     total, count = forward_loss(model, batch)
+    if align_stage:
+        return total, count, _loads(probes), _align(aprobes)[1]
     return total, count, _loads(probes)
 
 
@@ -193,19 +219,18 @@ class Trainer:
 
     model: a Transformer with adapters (finetune.lora.apply_lora). The model object itself is
     updated with the trained adapters by `sync()`.
+    trainable: the nnx filter of the trained variables (default: the adapters; the two-stage
+    indexer recipe passes finetune.indexer_stage.INDEXER_PARAMS).
     """
 
-    def __init__(self, model, hp: TrainHParams):
+    def __init__(self, model, hp: TrainHParams, trainable=LoRAWeight):
         self.model, self.hp = model, hp
         self.mesh = model.options.mesh
-        # adapters are born replicated on every device of the mesh (finetune.lora.apply_lora)
-        self.graphdef, self.lora, self.rest = nnx.split(model, LoRAWeight, ...)
-        init = make_optimizer(hp).init
-        shardings = None
-        if self.mesh is not None:     # the optimizer state is born replicated, like the adapters
-            rep = NamedSharding(self.mesh, PartitionSpec())
-            shardings = jax.tree.map(lambda _: rep, jax.eval_shape(init, self.lora))
-        self.opt_state = jax.jit(init, out_shardings=shardings)(self.lora)
+        # the trained variables are born where they live (adapters: replicated by apply_lora;
+        # indexer weights: in their rule-table shards); the optimizer state is created by a jitted
+        # init whose outputs take their shardings (zeros like each trained array, on its devices)
+        self.graphdef, self.lora, self.rest = nnx.split(model, trainable, ...)
+        self.opt_state = jax.jit(make_optimizer(hp).init)(self.lora)
         self.step = 0
 
     def device_batch(self, batch) -> dict:
@@ -221,17 +246,29 @@ class Trainer:
                                                   self.device_batch(batch), jnp.asarray(self.step, jnp.int32))
         self.step += 1
         m = jax.device_get(m)
-        out = {k: float(v) for k, v in m.items() if k != "expert_load"}
-        out["expert_load"] = np.asarray(m["expert_load"])
+        arrays = ("expert_load", "align_stats")
+        out = {k: float(v) for k, v in m.items() if k not in arrays}
+        out.update({k: np.asarray(m[k]) for k in arrays if k in m})
         return out
 
-    def evaluate(self, dataset, batch_size: int) -> dict:
-        """Mean NLL over all weighted targets of a ChatDataset (every row once) + load stats."""
-        total, count, loads = 0.0, 0.0, 0.0
+    def evaluate(self, dataset, batch_size: int, *, recall: bool = False) -> dict:
+        """Mean NLL over all weighted targets of a ChatDataset (every row once) + load stats;
+        recall=True adds the dense-attention alignment figures (indexer_loss.summarize, prefixed
+        eval_): the dense KL and the share of attention mass in the indexer's top-k per layer."""
+        total, count, loads, align = 0.0, 0.0, 0.0, 0.0
         for batch in dataset.sequential_batches(batch_size):
-            t, c, lo = eval_step(self.graphdef, self.lora, self.rest, self.device_batch(batch))
+            if recall:
+                t, c, lo, st = eval_step(self.graphdef, self.lora, self.rest, self.device_batch(batch),
+                                         align_stage="dense", align_chunk=self.hp.align_chunk,
+                                         align_topk=self.hp.align_topk)
+                align = align + np.asarray(st)
+            else:
+                t, c, lo = eval_step(self.graphdef, self.lora, self.rest, self.device_batch(batch))
             total, count, loads = total + float(t), count + float(c), loads + np.asarray(lo)
-        return {"eval_loss": total / max(count, 1.0), "eval_tokens": count, **load_balance(loads)}
+        out = {"eval_loss": total / max(count, 1.0), "eval_tokens": count, **load_balance(loads)}
+        if recall:
+            out.update({"eval_" + k: v for k, v in summarize(align).items()})
+        return out
 
     def sync(self):
         """Write the current adapters into self.model; returns the model."""

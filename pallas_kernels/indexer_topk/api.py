@@ -8,13 +8,15 @@ IMPLS = ("auto", "pallas", "interpret", "reference", "xla")
 BACKENDS = ("tpu", "gpu")
 
 
-def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=None,
+def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=None, q_starts=None,
                  impl: str = "reference", backend: str | None = None, **kernel_options):
     """Indices of the top-k visible keys per query.
 
     q: [B, T, Hi, D] (bf16/f32 or float8_e4m3fn, its scale folded into weights),
     k: [B, L, D] (bf16/f32, or float8_e4m3fn with k_scale), weights: [B, T, Hi] f32,
-    q_positions: [B, T] int32, k_scale: [B, L] f32 or None, kv_lengths: [B] int32 or None.
+    q_positions: [B, T] int32, k_scale: [B, L] f32 or None, kv_lengths: [B] int32 or None,
+    q_starts: [B, T] int32 or None: the lowest visible key slot of each query (packed rows:
+    the first slot of the query's segment), so query t sees keys q_starts <= s <= q_positions.
     Returns int32 [B, T, min(topk, L)], -1 where fewer visible keys than topk.
 
     impl:
@@ -49,7 +51,7 @@ def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=N
                                     k_scale=k_scale, kv_lengths=kv_lengths, **kernel_options)
     if impl == "reference":
         return reference.indexer_topk(q, k, weights, topk=topk, q_positions=q_positions,
-                                      k_scale=k_scale, kv_lengths=kv_lengths)
+                                      k_scale=k_scale, kv_lengths=kv_lengths, q_starts=q_starts)
     if impl == "interpret":
         backend = backend or "tpu"
         kernel_options.setdefault("interpret", True)
@@ -64,5 +66,5 @@ def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=N
         from pallas_kernels.indexer_topk.tpu import indexer_topk_tpu as kernel
     else:
         from pallas_kernels.indexer_topk.gpu import indexer_topk_gpu as kernel
-    return kernel(q, k, weights, q_positions, k_scale, kv_lengths, topk=topk,
+    return kernel(q, k, weights, q_positions, k_scale, kv_lengths, q_starts, topk=topk,
                   **kernel_options)

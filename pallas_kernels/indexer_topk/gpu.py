@@ -4,7 +4,8 @@ Contract (see ``reference.py``):
 
     I[b, t, s] = k_scale[b, s] * sum_h weights[b, t, h] * relu(q[b, t, h, :] . k[b, s, :])
 
-key s visible to query t iff s <= q_positions[b, t] and s < kv_lengths[b]; the result is
+key s visible to query t iff s <= q_positions[b, t] and s < kv_lengths[b] (and s >=
+q_starts[b, t] when given: segment-aware packing); the result is
 int32 [B, T, min(topk, L)], sorted by descending score, -1 in the slots that no visible
 key fills.
 
@@ -125,11 +126,15 @@ def _bitonic_merge(v, i, descending):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _scan_kernel(q_ref, w_ref, lim_ref, k_ref, *rest, n, sub, seq_len, num_t,
-                 tiles_per_split, has_scale, cdtype):
+def _scan_kernel(q_ref, w_ref, lim_ref, *rest, n, sub, seq_len, num_t,
+                 tiles_per_split, has_scale, has_start, cdtype):
     """One (query, split) program.  q_ref [Hp, D]; w_ref [Hp] f32; lim_ref [1] int32
-    (keys s < lim are visible); k_ref [B, L, D] and ks_ref [B, L] in HBM; outputs
+    (keys s < lim are visible); lo_ref [1] int32 (if has_start: keys s >= lo are visible);
+    k_ref [B, L, D] and ks_ref [B, L] in HBM; outputs
     ov_ref [N] f32, oi_ref [N] int32: the split's best N, ascending."""
+    if has_start:
+        lo_ref, *rest = rest
+    k_ref, *rest = rest
     if has_scale:
         ks_ref, ov_ref, oi_ref = rest
     else:
@@ -140,6 +145,7 @@ def _scan_kernel(q_ref, w_ref, lim_ref, k_ref, *rest, n, sub, seq_len, num_t,
     q = q_ref[...].astype(cdtype)
     w = w_ref[...].astype(jnp.float32)[:, None]
     lim = jnp.max(lim_ref[...])
+    lo = jnp.max(lo_ref[...]) if has_start else 0
     prec = jax.lax.Precision.HIGHEST if cdtype == jnp.float32 else None
     rows = n // sub
     row_id = jax.lax.broadcasted_iota(jnp.int32, (rows, sub), 0)
@@ -161,7 +167,7 @@ def _scan_kernel(q_ref, w_ref, lim_ref, k_ref, *rest, n, sub, seq_len, num_t,
             s = jnp.sum(jnp.maximum(logits, 0.0) * w, axis=0)  # [sub]
             if has_scale:
                 s = s * plgpu.load(ks_ref.at[b, pl.ds(start, sub)], mask=inb, other=0.0)
-            s = jnp.where((keys < lim) & (s == s), s, -jnp.inf)
+            s = jnp.where((keys < lim) & (keys >= lo) & (s == s), s, -jnp.inf)
             return jnp.where(row_id == c, s[None, :], tile)
 
         tile = jax.lax.fori_loop(0, rows, chunk, jnp.full((rows, sub), -jnp.inf, jnp.float32))
@@ -178,6 +184,7 @@ def _scan_kernel(q_ref, w_ref, lim_ref, k_ref, *rest, n, sub, seq_len, num_t,
 
     t0 = split * tiles_per_split
     t1 = jnp.minimum(t0 + tiles_per_split, (lim + n - 1) // n)
+    t0 = jnp.maximum(t0, lo // n)     # tiles wholly below the segment start: skipped
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.full((n,), _NO_INDEX, jnp.int32))
     bv, bi = jax.lax.fori_loop(t0, t1, tile_body, init)
     ov_ref[...] = bv
@@ -210,14 +217,15 @@ def _compute_dtype(q, k):
 
 @functools.partial(jax.jit, static_argnames=("topk", "sub", "nsplit", "min_tiles_per_split",
                                              "target_programs", "num_warps", "interpret"))
-def indexer_topk_gpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, *, topk,
+def indexer_topk_gpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, q_starts=None, *, topk,
                      sub=64, nsplit=None, min_tiles_per_split=2, target_programs=264,
                      num_warps=8, interpret=False):
     """Top-k visible keys per query (GPU kernel, Triton lowering).
 
     q: [B, T, Hi, D] (f32 / bf16 / float8_e4m3fn), k: [B, L, D] (f32 / bf16 / float8_e4m3fn),
     weights: [B, T, Hi] f32, q_positions: [B, T] int32, k_scale: [B, L] f32 or None,
-    kv_lengths: [B] int32 or None.  Returns int32 [B, T, min(topk, L)], descending score,
+    kv_lengths: [B] int32 or None, q_starts: [B, T] int32 or None (keys below it are
+    invisible).  Returns int32 [B, T, min(topk, L)], descending score,
     ties by lower key index, -1 where no visible key is left.
     sub: keys per dot (power of two <= N); nsplit: key splits per query (None: enough to
     give about target_programs programs, each split >= min_tiles_per_split tiles).
@@ -245,15 +253,20 @@ def indexer_topk_gpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, 
 
     in_specs = [pl.BlockSpec((None, hp, dp), lambda p, s: (p, 0, 0)),
                 pl.BlockSpec((None, hp), lambda p, s: (p, 0)),
-                pl.BlockSpec((None, 1), lambda p, s: (p, 0)),
-                pl.BlockSpec(memory_space=pl.ANY)]
-    args = [q, w, lim, k]
+                pl.BlockSpec((None, 1), lambda p, s: (p, 0))]
+    args = [q, w, lim]
+    if q_starts is not None:
+        in_specs.append(pl.BlockSpec((None, 1), lambda p, s: (p, 0)))
+        args.append(q_starts.astype(jnp.int32).reshape(B * T, 1))
+    in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+    args.append(k)
     if k_scale is not None:
         in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
         args.append(k_scale.astype(jnp.float32))
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     kernel = functools.partial(_scan_kernel, n=n, sub=sub, seq_len=L, num_t=T,
                                tiles_per_split=tiles_per_split, has_scale=k_scale is not None,
+                               has_start=q_starts is not None,
                                cdtype=_compute_dtype(q, k))
     out_spec = pl.BlockSpec((None, None, n), lambda p, s: (p, s, 0))
     vals, idx = pl.pallas_call(

@@ -2,7 +2,8 @@
 
     I[b, t, s] = k_scale[b, s] * sum_h weights[b, t, h] * relu(q[b, t, h, :] . k[b, s, :])
 
-Key s is visible to query t iff s <= q_positions[b, t] and s < kv_lengths[b].
+Key s is visible to query t iff s <= q_positions[b, t] and s < kv_lengths[b] (and, when
+q_starts is given, s >= q_starts[b, t]: the first slot of the query's packed segment).
 Selected indices are the top min(topk, L) visible keys per query; slots that no
 visible key can fill are -1 (a query with fewer visible keys than topk).
 Ties are broken towards the lower key index (jax.lax.top_k's rule).
@@ -16,12 +17,15 @@ import jax.numpy as jnp
 KEY_CHUNK = 1024
 
 
-def visibility_mask(q_positions, kv_lengths, num_keys):
-    """q_positions [B, T] int32, kv_lengths [B] int32 or None -> bool [B, T, L]."""
+def visibility_mask(q_positions, kv_lengths, num_keys, q_starts=None):
+    """q_positions [B, T] int32, kv_lengths [B] int32 or None, q_starts [B, T] int32 or None
+    (lowest visible key slot per query) -> bool [B, T, L]."""
     s = jnp.arange(num_keys, dtype=jnp.int32)
     vis = s[None, None, :] <= q_positions[:, :, None]
     if kv_lengths is not None:
         vis = vis & (s[None, None, :] < kv_lengths[:, None, None])
+    if q_starts is not None:
+        vis = vis & (s[None, None, :] >= q_starts[:, :, None])
     return vis
 
 
@@ -37,13 +41,14 @@ def visible_counts(q_positions, kv_lengths, num_keys):
     return jnp.maximum(lim, 0).astype(jnp.int32)
 
 
-def indexer_scores(q, k, weights, *, q_positions, k_scale=None, kv_lengths=None):
+def indexer_scores(q, k, weights, *, q_positions, k_scale=None, kv_lengths=None, q_starts=None):
     """Index scores with invisible keys at -inf.
 
     q: [B, T, Hi, D] (float or float8), k: [B, L, D] (float or float8),
     weights: [B, T, Hi] float32 (every positive constant and the per-head q scale folded in),
     q_positions: [B, T] int32 absolute positions, k_scale: [B, L] float32 or None,
-    kv_lengths: [B] int32 or None (all L keys valid). Returns float32 [B, T, L].
+    kv_lengths: [B] int32 or None (all L keys valid), q_starts: [B, T] int32 or None (keys
+    below it are invisible: segment-aware packing). Returns float32 [B, T, L].
     """
     q32, w32 = q.astype(jnp.float32), weights.astype(jnp.float32)
 
@@ -64,7 +69,7 @@ def indexer_scores(q, k, weights, *, q_positions, k_scale=None, kv_lengths=None)
         scores = score(k)
     if k_scale is not None:
         scores = scores * k_scale.astype(jnp.float32)[:, None, :]
-    vis = visibility_mask(q_positions, kv_lengths, k.shape[1])
+    vis = visibility_mask(q_positions, kv_lengths, k.shape[1], q_starts)
     return jnp.where(vis, scores, -jnp.inf)
 
 
@@ -75,8 +80,8 @@ def topk_from_scores(scores, topk):
     return jnp.where(vals == -jnp.inf, -1, idx).astype(jnp.int32)
 
 
-def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=None):
+def indexer_topk(q, k, weights, *, topk, q_positions, k_scale=None, kv_lengths=None, q_starts=None):
     """Top-k key indices per query: int32 [B, T, min(topk, L)], -1 where no visible key is left."""
     scores = indexer_scores(q, k, weights, q_positions=q_positions, k_scale=k_scale,
-                            kv_lengths=kv_lengths)
+                            kv_lengths=kv_lengths, q_starts=q_starts)
     return topk_from_scores(scores, topk)

@@ -4,7 +4,8 @@ Contract (see ``reference.py``):
 
     I[b, t, s] = k_scale[b, s] * sum_h weights[b, t, h] * relu(q[b, t, h, :] . k[b, s, :])
 
-key s visible to query t iff s <= q_positions[b, t] and s < kv_lengths[b]; the result is
+key s visible to query t iff s <= q_positions[b, t] and s < kv_lengths[b] (and s >=
+q_starts[b, t] when given: segment-aware packing); the result is
 int32 [B, T, min(topk, L)], sorted by descending score, -1 in the slots that no visible
 key fills.
 
@@ -116,11 +117,15 @@ def _bitonic_merge(v, i, pos, n, descending):
 
 
 # ------------------------------------------------------------------------------ kernel
-def _kernel(tiles_ref, q_ref, w_ref, lim_ref, k_ref, *rest, n, kc, nq, has_scale, cdtype):
+def _kernel(tiles_ref, q_ref, w_ref, lim_ref, *rest, n, kc, nq, has_scale, has_start, cdtype):
     """tiles_ref: SMEM int32 [B*nq] key tiles to visit per (batch, query block);
     q_ref [bq, Hi, D]; w_ref [bq, Hi, 1] f32; lim_ref [bq, 1, 1] int32 (visible keys are
-    s < lim); k_ref [N, D]; ks_ref [1, N] f32 (if has_scale); out_ref [bq, N/128, 128] int32;
+    s < lim); lo_ref [bq, 1, 1] int32 (if has_start: visible keys are s >= lo); k_ref [N, D];
+    ks_ref [1, N] f32 (if has_scale); out_ref [bq, N/128, 128] int32;
     scratch: best values / indices [bq, N/128, 128] and the tile's scores [bq, N/128, 128]."""
+    if has_start:
+        lo_ref, *rest = rest
+    k_ref, *rest = rest
     if has_scale:
         ks_ref, out_ref, bv_ref, bi_ref, sc_ref = rest
     else:
@@ -155,7 +160,10 @@ def _kernel(tiles_ref, q_ref, w_ref, lim_ref, k_ref, *rest, n, kc, nq, has_scale
                + jax.lax.broadcasted_iota(jnp.int32, (1, rows, LANES), 2))
         key = kt * n + pos
         tv = sc_ref[...]
-        tv = jnp.where((key < lim_ref[...]) & (tv == tv), tv, -jnp.inf)
+        ok = (key < lim_ref[...]) & (tv == tv)
+        if has_start:
+            ok = ok & (key >= lo_ref[...])
+        tv = jnp.where(ok, tv, -jnp.inf)
         bv = bv_ref[...]
         worst = jnp.min(bv, axis=(1, 2), keepdims=True)  # N-th best; a later key must beat it
 
@@ -182,13 +190,14 @@ def _compute_dtype(q, k):
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "block_q", "chunk", "interpret"))
-def indexer_topk_tpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, *, topk,
+def indexer_topk_tpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, q_starts=None, *, topk,
                      block_q=8, chunk=512, interpret=False):
     """Top-k visible keys per query (TPU kernel).
 
     q: [B, T, Hi, D] (f32 / bf16 / float8_e4m3fn), k: [B, L, D] (f32 / bf16 / float8_e4m3fn),
     weights: [B, T, Hi] f32, q_positions: [B, T] int32, k_scale: [B, L] f32 or None,
-    kv_lengths: [B] int32 or None.  Returns int32 [B, T, min(topk, L)], descending score,
+    kv_lengths: [B] int32 or None, q_starts: [B, T] int32 or None (keys below it are
+    invisible).  Returns int32 [B, T, min(topk, L)], descending score,
     ties by lower key index, -1 where no visible key is left.
     block_q: queries per block (multiple of 8, or >= T); chunk: keys per matmul (multiple
     of 128).  interpret: False, True, or a ``pltpu.InterpretParams``.
@@ -233,15 +242,19 @@ def indexer_topk_tpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, 
         pl.BlockSpec((None, bq, hp, D), lambda b, qb, kt, t_: (b, qb, 0, 0)),
         pl.BlockSpec((None, bq, hp, 1), lambda b, qb, kt, t_: (b, qb, 0, 0)),
         pl.BlockSpec((None, bq, 1, 1), lambda b, qb, kt, t_: (b, qb, 0, 0)),
-        pl.BlockSpec((None, n, D), kv_map),
     ]
-    args = [q, w[..., None], lim[:, :, None, None], k]
+    args = [q, w[..., None], lim[:, :, None, None]]
+    if q_starts is not None:
+        in_specs.append(pl.BlockSpec((None, bq, 1, 1), lambda b, qb, kt, t_: (b, qb, 0, 0)))
+        args.append(q_starts.astype(jnp.int32)[:, :, None, None])
+    in_specs.append(pl.BlockSpec((None, n, D), kv_map))
+    args.append(k)
     if k_scale is not None:
         in_specs.append(pl.BlockSpec((None, 1, n), ks_map))
         args.append(k_scale.astype(jnp.float32)[:, None, :])
     rows = n // LANES
     kernel = functools.partial(_kernel, n=n, kc=kc, nq=nq, has_scale=k_scale is not None,
-                               cdtype=_compute_dtype(q, k))
+                               has_start=q_starts is not None, cdtype=_compute_dtype(q, k))
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, T, rows, LANES), jnp.int32),

@@ -119,6 +119,12 @@ def test_cli_resume_is_exact_and_exports_load(ckpt, data_file, full_run, tmp_pat
     evals = [r for r in log if "eval_loss" in r]
     assert len(steps) == 8 and [r["step"] for r in evals] == [3, 6, 8]
     assert all(r["tokens_per_s"] > 0 and r["moe_max_load"] >= 1.0 and "moe_cv" in r for r in steps)
+    # attention adapters switch the indexer alignment on by default: its KL and recall are logged
+    assert all(r["indexer_kl"] > 0 for r in steps)
+    live = [r for r in steps if r["indexer_recall"] is not None]    # rows with > index_topk keys
+    assert live and all(0 < r["indexer_recall"] <= r["attention_ceiling"] + 1e-6
+                        and len(r["indexer_recall_per_layer"]) == 2 for r in live)
+    assert all(0 < r["eval_indexer_recall"] <= 1 for r in evals)
 
     # interrupted after 3 steps (last checkpoint at step 2), then the same command again
     stopped = run(_args(ckpt, data_file, tmp_path / "b", "--no-merge"), stop_after=3)
@@ -135,7 +141,9 @@ def test_cli_resume_is_exact_and_exports_load(ckpt, data_file, full_run, tmp_pat
     assert again == resumed == json.loads((tmp_path / "b" / "summary.json").read_text())
     a = load_file(str(a_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
-    assert sorted(a) == sorted(b) and len(a) == 2 * (5 * 2 + 3)   # 5 MLA + 3 shared projections
+    # per layer 5 MLA + 2 indexer (wq_b, wk) adapters, + 3 shared-expert projections
+    assert sorted(a) == sorted(b) and len(a) == 2 * (7 * 2 + 3)
+    assert any("indexer.wq_b.lora_B" in k and np.abs(v).max() > 0 for k, v in a.items())
     for k in a:
         # same compiled step on the same restored values and data: bit-identical
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -276,3 +284,14 @@ def test_fp8_conversion_lora_merged_export_with_relative_paths(data_file, tmp_pa
     ref = jax.jit(lambda s, x: nnx.merge(gd, s)(x))(st, ids)
     # float32, only the summation order differs (see test_lora.py)
     np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_recall_command(ckpt, data_file):
+    from dsv32_jax.finetune.recall import run as recall_run
+
+    res = recall_run(["--ckpt", str(ckpt), "--data", str(data_file), "--seq-len", "32", "--batch", "2",
+                      "--dtype", "float32"])
+    assert res["eval_loss"] > 0 and len(res["indexer_recall_per_layer"]) == 2
+    assert 0 < res["indexer_recall"] <= res["attention_ceiling"] + 1e-6 <= 1 + 1e-6
+    with pytest.raises(SystemExit, match="error: --data"):
+        recall_run(["--ckpt", str(ckpt), "--data", str(data_file) + ".missing"])

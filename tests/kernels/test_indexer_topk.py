@@ -67,7 +67,7 @@ def _make_exact(seed, *, B, T, Hi, D, L, q_dtype, k_dtype):
 
 
 # ----------------------------------------------------------------------- tie-aware check
-def _check(out, q, k, w, *, topk, q_positions, k_scale, kv_lengths, min_strict=0.8):
+def _check(out, q, k, w, *, topk, q_positions, k_scale, kv_lengths, min_strict=0.8, q_starts=None):
     """Compare a kernel's selection with the reference.  Returns the number of rows on which
     the exact-set check ran.
 
@@ -92,9 +92,10 @@ def _check(out, q, k, w, *, topk, q_positions, k_scale, kv_lengths, min_strict=0
     K = min(topk, L)
     assert out.shape == (B, T, K) and out.dtype == np.int32
     ref = np.asarray(reference.indexer_topk(q, k, w, topk=topk, q_positions=q_positions,
-                                            k_scale=k_scale, kv_lengths=kv_lengths))
+                                            k_scale=k_scale, kv_lengths=kv_lengths, q_starts=q_starts))
     scores = np.asarray(reference.indexer_scores(q, k, w, q_positions=q_positions,
-                                                 k_scale=k_scale, kv_lengths=kv_lengths))
+                                                 k_scale=k_scale, kv_lengths=kv_lengths,
+                                                 q_starts=q_starts))
     qf, kf = np.asarray(q.astype(jnp.float32)), np.asarray(k.astype(jnp.float32))
     absdot = np.einsum("bthd,bsd->bths", np.abs(qf), np.abs(kf))
     mag = np.einsum("bths,bth->bts", absdot, np.abs(np.asarray(w)))
@@ -129,9 +130,10 @@ def _check(out, q, k, w, *, topk, q_positions, k_scale, kv_lengths, min_strict=0
     return strict, selecting
 
 
-def _run(backend, q, k, w, *, topk, q_positions, k_scale=None, kv_lengths=None, **opts):
+def _run(backend, q, k, w, *, topk, q_positions, k_scale=None, kv_lengths=None, q_starts=None, **opts):
     return api.indexer_topk(q, k, w, topk=topk, q_positions=q_positions, k_scale=k_scale,
-                            kv_lengths=kv_lengths, impl="interpret", backend=backend, **opts)
+                            kv_lengths=kv_lengths, q_starts=q_starts, impl="interpret", backend=backend,
+                            **opts)
 
 
 # ---------------------------------------------------------------------- numerics tests
@@ -146,6 +148,31 @@ def test_prefill_causal_bf16_selects(backend):
     strict, selecting = _check(out, q, k, w, topk=topk, q_positions=pos, k_scale=None,
                                kv_lengths=None)
     assert selecting >= 0.6 * B * T  # queries t >= topk really select
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_packed_segments(backend):
+    """Packed rows: q_starts (first slot of each query's segment) hides earlier segments.
+    Segments of 20..170 keys, some shorter and some longer than topk = 48, a boundary inside a
+    key tile and one on a tile edge (128); the selection must equal the reference and never
+    leave the query's segment."""
+    B, T, Hi, D, topk = 2, 300, 8, 32, 48
+    q, k, w, _ = _make(7, B=B, T=T, Hi=Hi, D=D, L=T)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    bounds = [(0, 20, 128, 298), (0, 170, 250)]            # segment starts per row
+    starts = np.zeros((B, T), np.int32)
+    for b, bs in enumerate(bounds):
+        for s0 in bs:
+            starts[b, s0:] = s0
+    starts = jnp.asarray(starts)
+    opts = {"nsplit": 2, "min_tiles_per_split": 1} if backend == "gpu" else {"block_q": 16}
+    out = _run(backend, q, k, w, topk=topk, q_positions=pos, q_starts=starts, **opts)
+    o = np.asarray(out)
+    lo, hi = np.asarray(starts)[..., None], np.asarray(pos)[..., None]
+    assert np.all((o == -1) | ((o >= lo) & (o <= hi)))
+    _, selecting = _check(out, q, k, w, topk=topk, q_positions=pos, k_scale=None, kv_lengths=None,
+                          q_starts=starts)
+    assert selecting >= 0.5 * B * T
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -280,22 +307,27 @@ def _realistic_args(B, T, *, fp8):
 
 
 @pytest.mark.parametrize("B,T,fp8", [(4, 1, True), (1, 256, True), (2, 2, False)])
-def test_tpu_lowering_realistic(B, T, fp8):
+@pytest.mark.parametrize("segments", [False, True])
+def test_tpu_lowering_realistic(B, T, fp8, segments):
     """Pallas -> Mosaic lowering of the TPU kernel (no TPU needed): Hi=64, D=128,
-    topk=2048, L=8192, decode and prefill, FP8 keys with scales or bf16 keys."""
+    topk=2048, L=8192, decode and prefill, FP8 keys with scales or bf16 keys, with and
+    without per-query segment starts."""
     def f(q, k, w, pos, ks, kvl):
-        return tpu.indexer_topk_tpu(q, k, w, pos, ks, kvl, topk=2048)
+        return tpu.indexer_topk_tpu(q, k, w, pos, ks, kvl, pos // 2 if segments else None, topk=2048)
     text = jax.jit(f).trace(*_realistic_args(B, T, fp8=fp8)).lower(
         lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text
 
 
 @pytest.mark.parametrize("B,T,fp8", [(8, 1, True), (1, 256, True), (2, 2, False)])
-def test_gpu_lowering_realistic(B, T, fp8):
+@pytest.mark.parametrize("segments", [False, True])
+def test_gpu_lowering_realistic(B, T, fp8, segments):
     """Pallas -> Triton lowering of the GPU kernel(s) for cuda (no GPU needed): Hi=64,
-    D=128, topk=2048, L=8192; decode uses the split + merge path, prefill one split."""
+    D=128, topk=2048, L=8192; decode uses the split + merge path, prefill one split; with
+    and without per-query segment starts."""
     def f(q, k, w, pos, ks, kvl):
-        return gpu.indexer_topk_gpu(q, k, w, pos, ks, kvl, topk=2048, min_tiles_per_split=1)
+        return gpu.indexer_topk_gpu(q, k, w, pos, ks, kvl, pos // 2 if segments else None, topk=2048,
+                                    min_tiles_per_split=1)
     text = jax.jit(f).trace(*_realistic_args(B, T, fp8=fp8)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
