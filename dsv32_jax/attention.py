@@ -148,9 +148,9 @@ class MLA(nnx.Module):
         Returns (out [B, T, D], indices [B, T, K] int32, new cache or None).
         """
         with jax.named_scope("mla"):
-            return self._attention(x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths)
+            return self._attention(x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths, q_starts)
 
-    def _attention(self, x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths):
+    def _attention(self, x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths, q_starts):
         cfg = self.cfg
         b, t, _ = x.shape
         h, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
