@@ -221,8 +221,10 @@ class _Reply:
         return r if r in ("stop", "length") else "stop"
 
     def _reasoning_tokens(self, i: int) -> int | None:
-        if not (self.chat and self.plan.thinking):
+        if not (self.chat and self.plan.thinking_mode):
             return None
+        if not self.plan.thinking:          # the reasoning was given (prefix completion)
+            return 0
         toks = self.jobs[i].req.tokens
         end = self.s.cfg.think_end_id
         return toks.index(end) if end in toks else len(toks)
@@ -298,7 +300,7 @@ class _Reply:
                 p = self.parsers[i]
                 msg = aggregate(p.feed(self.text[i]) + p.finish())
                 message = {"role": "assistant", "content": msg["content"]}
-                if self.plan.thinking or msg["reasoning_content"]:
+                if self.plan.thinking_mode or msg["reasoning_content"]:
                     message["reasoning_content"] = msg["reasoning_content"]
                 if msg["tool_calls"]:
                     message["tool_calls"] = msg["tool_calls"]

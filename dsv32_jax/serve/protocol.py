@@ -57,6 +57,7 @@ class Plan:
     tools: bool = False                # parse DSML tool calls
     forced: str = ""                   # text the prompt ends with that the parser must see first
     echo: list = dataclasses.field(default_factory=list)   # completion prompt texts to echo
+    thinking_mode: bool = False        # the request is in thinking mode (replies carry reasoning_content)
 
 
 # ------------------------------------------------------------------ scalar checks
@@ -202,6 +203,8 @@ def _check_messages(msgs) -> None:
 def _check_tools(body: dict):
     tools = body.get("tools")
     if tools is None:
+        if body.get("tool_choice") not in (None, "none"):
+            raise bad("tool_choice", "tool_choice needs tools")
         return None, "none"
     if not isinstance(tools, list):
         raise bad("tools", "expected a list")
@@ -309,7 +312,7 @@ def chat_plan(body: dict, cfg, tok) -> Plan:
     ids = tok.encode(text)
     mt = _max_tokens(body, len(ids), cfg.max_len, DEFAULT_MAX_TOKENS[mode], "messages")
     return Plan("chat", model, [ids], [mt], c["sampling"], c["stop"], c["n"], c["stream"], c["include_usage"],
-                logprobs, top, parse_thinking, bool(tools) and choice != "none", forced)
+                logprobs, top, parse_thinking, bool(tools) and choice != "none", forced, thinking_mode=thinking)
 
 
 def _text(c) -> str:
