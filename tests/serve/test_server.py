@@ -130,6 +130,36 @@ def test_streamed_equals_whole(live):
     assert s == w.choices[0].text and w.usage.completion_tokens == 9
 
 
+def test_keepalive_while_waiting(live):
+    """With a 1 ms keep-alive period, the wait for the first token (a prefill on the engine's
+    thread, many milliseconds on a CPU) is filled with SSE comment lines; clients skip them."""
+    cfg = live["server"].cfg
+    cfg.keepalive_s, old = 0.001, cfg.keepalive_s
+    body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "x " * 200}], "max_tokens": 2,
+            "stream": True}
+    try:
+        r = httpx.post(live["base"] + "/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=60)
+    finally:
+        cfg.keepalive_s = old
+    lines = [x for x in r.text.split("\n\n") if x]
+    assert ": keep-alive" in lines and lines[-1] == "data: [DONE]"
+    assert all(x == ": keep-alive" or x.startswith("data: ") for x in lines)
+
+
+def test_n_echo_suffix(live):
+    """n choices with seeds, echo of the prompt, and fill-in-the-middle with the FIM tokens."""
+    tok, cl = live["tok"], live["client"].completions
+    r = cl.create(model="deepseek-chat", prompt="Once upon", max_tokens=3, n=2, seed=7, echo=True)
+    assert [c.index for c in r.choices] == [0, 1] and all(c.text.startswith("Once upon") for c in r.choices)
+    assert r.usage.completion_tokens == 6 and r.usage.prompt_tokens == len(tok.encode("<｜begin▁of▁sentence｜>Once upon"))
+    again = cl.create(model="deepseek-chat", prompt="Once upon", max_tokens=3, n=2, seed=7, echo=True)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]      # seeded: reproducible
+    f = cl.create(model="deepseek-chat", prompt="def add(a, b):\n", suffix="\n    return c\n", max_tokens=2)
+    fim = "<｜begin▁of▁sentence｜><｜fim▁begin｜>def add(a, b):\n<｜fim▁hole｜>\n    return c\n<｜fim▁end｜>"
+    assert f.usage.prompt_tokens == len(tok.encode(fim))
+
+
 def test_thinking_modes(live):
     """Reasoner name, thinking: enabled and chat_template_kwargs all open a reasoning block (the
     random model never writes </think>, so everything is reasoning); chat mode has none."""
