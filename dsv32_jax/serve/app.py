@@ -40,6 +40,7 @@ class ServerConfig:
     top_p: float = 1.0
     eos_ids: tuple = (1,)
     think_end_id: int | None = None
+    grammars: object = None            # constrain.Grammars (set by Server when llguidance is installed)
 
 
 def _error(e: ApiError) -> JSONResponse:
@@ -75,6 +76,14 @@ class Server:
 
     def __init__(self, engine, tokenizer, cfg: ServerConfig):
         self.engine, self.tok, self.cfg = engine, tokenizer, cfg
+        if cfg.grammars is None:
+            try:
+                import llguidance  # noqa: F401
+
+                from dsv32_jax.serve.constrain import Grammars
+                cfg.grammars = Grammars(tokenizer, cfg.vocab_size, cfg.eos_ids)
+            except ImportError:
+                log.warning("llguidance is not installed: response_format JSON output is refused")
         self.loop = EngineLoop(engine)
         self.metrics = Metrics()
         self.app = self._build()
@@ -178,6 +187,9 @@ class Server:
                 if s["seed"] is not None:
                     s["seed"] = (s["seed"] + j) % (1 << 32)
                 req = Request(list(ids), max_tokens=mt, stop=list(plan.stop), logprobs=plan.logprobs, **s)
+                if plan.grammar is not None:
+                    req.constraint = self.cfg.grammars.constraint(
+                        plan.grammar, self.cfg.think_end_id if plan.thinking else None)
                 jobs.append(Job(req, queue, len(jobs), aloop, eos, self.metrics))
         try:
             for job in jobs:

@@ -4,8 +4,9 @@ Every rejection is an `ApiError`, rendered as OpenAI error JSON
 ``{"error": {"message", "type", "param", "code"}}`` naming the offending field.
 Parameters that the engine cannot honour are accepted and documented here:
 presence_penalty / frequency_penalty (range-checked, no effect: sampling runs on the device
-without a token-count history), user, and response_format (rendered into the prompt the way
-the official V3.2 encoding does, not enforced by a token mask).
+without a token-count history), user. response_format json_object / json_schema is both
+written into the prompt (as the official V3.2 encoding does) and enforced by token masks
+(constrain.py); `strict` on tools is accepted but not enforced.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class Plan:
     forced: str = ""                   # text the prompt ends with that the parser must see first
     echo: list = dataclasses.field(default_factory=list)   # completion prompt texts to echo
     thinking_mode: bool = False        # the request is in thinking mode (replies carry reasoning_content)
+    grammar: str | None = None         # response_format as an llguidance grammar (token masks)
 
 
 # ------------------------------------------------------------------ scalar checks
@@ -309,10 +311,21 @@ def chat_plan(body: dict, cfg, tok) -> Plan:
             text += THINK_END
             parse_thinking = False
         text += forced
+    grammar = None
+    if rf is not None and rf["type"] != "text":
+        if cfg.grammars is None:
+            raise bad("response_format", "JSON output needs the llguidance package on the server")
+        if forced:
+            raise bad("response_format", "response_format cannot be combined with a required or named tool_choice")
+        try:
+            grammar = cfg.grammars.grammar(rf)
+        except ValueError as e:
+            raise bad("response_format", str(e)) from None
     ids = tok.encode(text)
     mt = _max_tokens(body, len(ids), cfg.max_len, DEFAULT_MAX_TOKENS[mode], "messages")
     return Plan("chat", model, [ids], [mt], c["sampling"], c["stop"], c["n"], c["stream"], c["include_usage"],
-                logprobs, top, parse_thinking, bool(tools) and choice != "none", forced, thinking_mode=thinking)
+                logprobs, top, parse_thinking, bool(tools) and choice != "none", forced, thinking_mode=thinking,
+                grammar=grammar)
 
 
 def _text(c) -> str:

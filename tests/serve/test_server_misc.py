@@ -68,3 +68,20 @@ def test_cli_arguments(capsys, tmp_path):
         assert e.value.code == 2
     assert main(["--ckpt", str(tmp_path / "missing")]) == 2
     assert "error: --ckpt" in capsys.readouterr().err
+
+
+def test_apply_token_mask_matches_bits():
+    """Bit j of word w allows token 32 w + j (llguidance's layout); everything else is -inf,
+    tokens past the vocabulary in the last word are ignored. Reference: numpy unpackbits."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dsv32_jax.serve.slots import apply_token_mask
+
+    rs = np.random.RandomState(0)
+    v = 70                                   # 3 words, the last one partly past the vocabulary
+    logits = rs.randn(2, v).astype(np.float32)
+    masks = rs.randint(-2 ** 31, 2 ** 31 - 1, (2, 3)).astype(np.int32)
+    got = np.asarray(apply_token_mask(jnp.asarray(logits), jnp.asarray(masks)))
+    allowed = np.unpackbits(masks.view(np.uint8), axis=1, bitorder="little")[:, :v].astype(bool)
+    np.testing.assert_array_equal(got, np.where(allowed, logits, -np.inf))
