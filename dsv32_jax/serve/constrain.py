@@ -1,4 +1,4 @@
-"""JSON output enforced by token masks (llguidance).
+"""JSON output and strict tool calls enforced by token masks (llguidance).
 
 `Grammars` builds llguidance's tokenizer from the model's tokenizer.json once (about a
 second) and compiles `response_format` json_object / json_schema into matchers. A
@@ -6,11 +6,18 @@ second) and compiles `response_format` json_object / json_schema into matchers. 
 tokens it has not seen, then returns the int32 bit words [ceil(V/32)] of the tokens allowed
 next (after the value is complete: only end-of-sentence). In thinking mode the constraint
 starts after the `</think>` token: until then mask() returns None (no restriction).
+
+`tools_grammar` writes the Lark grammar of the rest of a DSML tool-call block whose opening
+the prompt already holds (tool_choice "required": up to `name="`; a named function: up to
+its `">\n`): each strict function's parameters in schema order (required ones mandatory),
+string parameters as raw text without "<", the others as JSON of their schema; the
+`｜DSML｜` marker is the special token itself.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 
 import numpy as np
@@ -53,6 +60,16 @@ class Grammars:
             raise ValueError(f"unsupported JSON schema: {'; '.join(msgs) or 'invalid'}")
         return g
 
+    def lark(self, text: str) -> str:
+        """A Lark grammar (llguidance's dialect) -> a grammar (ValueError if it is rejected)."""
+        import llguidance
+
+        g = llguidance.grammar_from("lark", text)
+        is_error, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(g, self._tokenizer())
+        if is_error:
+            raise ValueError("; ".join(msgs) or "invalid grammar")
+        return g
+
     def constraint(self, grammar: str, start_after: int | None = None) -> "JsonConstraint":
         import llguidance
 
@@ -88,3 +105,52 @@ class JsonConstraint:
         self.seen = len(tokens)
         fill_next_token_bitmask(self.m, self.buf, 0)
         return self.buf[0]
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_PARAM_END = '"</" dsml "parameter>\\n"'
+_INVOKE_END = '"</" dsml "invoke>\\n"'
+_STR_TRUE = json.dumps('string="true">')
+_STR_FALSE = json.dumps('string="false">')
+
+
+def _lit(text: str) -> str:
+    """A Lark string literal (JSON escapes)."""
+    return json.dumps(text)
+
+
+def _param_rule(key: str, schema: dict) -> str:
+    head = '"<" dsml ' + _lit('parameter name="' + key + '" ')
+    enum = schema.get("enum")
+    if enum and all(isinstance(e, str) for e in enum):
+        alts = " | ".join(_lit(e) for e in enum)
+        return f"{head} {_STR_TRUE} ({alts}) {_PARAM_END}"
+    if schema.get("type") == "string":
+        return f"{head} {_STR_TRUE} TEXT {_PARAM_END}"
+    return f"{head} {_STR_FALSE} %json {json.dumps(schema)} {_PARAM_END}"
+
+
+def tools_grammar(tools: list, choice: str, dsml_id: int) -> str:
+    """Lark grammar for the rest of a tool-call block (see the module docstring); `choice` is
+    "required" or a function name. ValueError for names the grammar cannot hold."""
+    rules, names = [], []
+    for k, t in enumerate(tools):
+        fn = t["function"]
+        if not _NAME.fullmatch(fn["name"]):
+            raise ValueError(f"strict tools need names of letters, digits, '_', '.', '-': {fn['name'][:80]!r}")
+        params = fn.get("parameters") or {}
+        props = params.get("properties") or {}
+        required = set(params.get("required") or [])
+        parts = []
+        for j, (key, sch) in enumerate(props.items()):
+            if not _NAME.fullmatch(key):
+                raise ValueError(f"strict tools need parameter names of letters, digits, '_', '.', '-': {key[:80]!r}")
+            rules.append(f"p{k}_{j}: " + _param_rule(key, sch if isinstance(sch, dict) else {}))
+            parts.append(f"p{k}_{j}" + ("" if key in required else "?"))
+        rules.append(f"args{k}: " + (" ".join(parts) if parts else '""'))
+        names.append(fn["name"])
+    calls = " | ".join(f"{_lit(n + chr(34) + '>' + chr(10))} args{k}" for k, n in enumerate(names))
+    first = f"({calls}) {_INVOKE_END}" if choice == "required" else f"args{names.index(choice)} {_INVOKE_END}"
+    return "\n".join([f'start: {first} more* "</" dsml "function_calls>"',
+                      f'more: "<" dsml {_lit("invoke name=" + chr(34))} ({calls}) {_INVOKE_END}',
+                      *rules, "TEXT: /[^<]*/", f"dsml: <[{dsml_id}]>"])

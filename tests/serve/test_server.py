@@ -241,6 +241,38 @@ def test_json_schema_output(live):
     assert e.value.body["param"] == "response_format"
 
 
+def test_strict_tool_call(live):
+    """A strict tool with tool_choice named or required: the token masks make the random model
+    write a valid DSML call, which comes back as tool_calls (finish_reason "tool_calls"),
+    streamed (header delta, then argument fragments) as in one piece."""
+    tools = [{"type": "function", "function": {"name": "set_light", "strict": True, "parameters": {
+        "type": "object", "properties": {"on": {"type": "boolean"}, "room": {"enum": ["hall", "kitchen"]}},
+        "required": ["on", "room"]}}},
+        {"type": "function", "function": {"name": "now", "strict": True, "parameters": {"type": "object"}}}]
+    for choice in ({"type": "function", "function": {"name": "set_light"}}, "required"):
+        r = _chat(live, "Lights!", tools=tools, tool_choice=choice, max_tokens=60)
+        msg = r.choices[0].message
+        assert r.choices[0].finish_reason == "tool_calls" and msg.tool_calls, msg
+        for call in msg.tool_calls:
+            assert call.id.startswith("call_") and call.type == "function"
+            args = json.loads(call.function.arguments)
+            if call.function.name == "set_light":
+                assert set(args) == {"on", "room"} and isinstance(args["on"], bool) and args["room"] in ("hall", "kitchen")
+            else:
+                assert call.function.name == "now" and args == {}
+        if not isinstance(choice, str):
+            assert msg.tool_calls[0].function.name == "set_light"
+        heads, frags, finish = [], {}, None
+        for ch in _chat(live, "Lights!", tools=tools, tool_choice=choice, max_tokens=60, stream=True):
+            for tc in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+                if tc.id:
+                    heads.append((tc.index, tc.function.name))
+                frags[tc.index] = frags.get(tc.index, "") + (tc.function.arguments or "")
+            finish = (ch.choices[0].finish_reason if ch.choices else None) or finish
+        assert heads == [(i, c.function.name) for i, c in enumerate(msg.tool_calls)] and finish == "tool_calls"
+        assert [frags[i] for i in range(len(heads))] == [c.function.arguments for c in msg.tool_calls]
+
+
 def test_prefix_cache_hit(live):
     text = " ".join(f"item{i}" for i in range(150))
     a = _chat(live, text + " first", max_tokens=2)
