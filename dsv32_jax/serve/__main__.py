@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefix-blocks", type=int, default=256, help="64-token prefix-cache entries (0 = off)")
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
     p.add_argument("--steps", type=int, default=8, help="decode steps per dispatched block")
+    p.add_argument("--prefill-budget", type=int, default=None,
+                   help="prompt tokens prefilled per iteration, a multiple of --chunk (default: one chunk)")
     p.add_argument("--top-logprobs", type=int, default=5, help="most top_logprobs a request may ask for")
     p.add_argument("--api-key", default=os.environ.get("DSV32_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $DSV32_API_KEY, else none)")
@@ -75,7 +77,8 @@ def build(args, ckpt: str):
     defaults = sampling_defaults(ckpt)
     logging.info("loaded %s (%s) in %.1fs", ckpt, dtype, time.perf_counter() - t0)
     engine = ServingEngine(model, max_slots=args.max_slots, max_len=args.max_len, chunk=min(args.chunk, args.max_len),
-                           steps=args.steps, prefix_blocks=args.prefix_blocks, max_queue=args.max_queue,
+                           steps=args.steps, prefill_budget=args.prefill_budget,
+                           prefix_blocks=args.prefix_blocks, max_queue=args.max_queue,
                            top_logprobs=args.top_logprobs, eos_ids=eos, tokenizer=tok)
     cfg = ServerConfig(served=list(args.served_model_name), max_len=args.max_len,
                        vocab_size=model.module.cfg.vocab_size if hasattr(model, "module") else model.cfg.vocab_size,
