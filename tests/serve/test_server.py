@@ -30,7 +30,7 @@ from dsv32_jax.serve.app import Server, ServerConfig
 
 KEY = "test-key-123"
 MAX_LEN, SLOTS = 512, 4
-N_CONCURRENT = 12       # 3 waves over 4 slots (the engine costs ~0.2 s per decode block on a loaded 2-core CPU)
+N_CONCURRENT = 32       # 8 waves over 4 slots (the engine costs ~0.2 s per decode block on a loaded 2-core CPU)
 DIRECT_IDS = [0, 3476, 344, 260, 1771, 31, 1052, 12]
 
 
