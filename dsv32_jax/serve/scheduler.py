@@ -74,7 +74,7 @@ class Request:
     stop: strings that end the request (need the engine's tokenizer); stop_token_ids end it
     too (as EOS does). logprobs: also report the chosen token's log-probability (and the
     engine's top_logprobs most likely ones). on_token(request, token_id, text_piece): called
-    from the engine's thread for each new token.
+    from the engine's thread for each new token. constraint: see below (single process only).
     """
     prompt: Sequence[int]
     max_tokens: int = 256
@@ -87,6 +87,10 @@ class Request:
     logprobs: bool = False
     on_token: Callable | None = None
     id: str = ""
+    # constrained decoding: an object whose mask(tokens) gives the int32 bit words [ceil(V/32)]
+    # of the tokens allowed next after `tokens` (the request's tokens so far), or None for no
+    # restriction; a constrained request is decoded one step at a time (a host round trip per token)
+    constraint: object = None
     # results
     tokens: list = dataclasses.field(default_factory=list)
     token_logprobs: list = dataclasses.field(default_factory=list)
@@ -174,6 +178,8 @@ class ServingEngine:
         req.validate(self.max_len)
         if req.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need the engine's tokenizer")
+        if req.constraint is not None and jax.process_count() > 1:
+            raise ValueError("constraint: constrained decoding runs on a single process only")
         with self._lock:
             waiting = len(self._waiting) + len(self._inbox)
             if waiting >= self.max_queue:
@@ -284,6 +290,9 @@ class ServingEngine:
         self._prefill()
         new = None
         live = {s: a for s, a in self._active.items() if a.live and not a.stopping}
+        if any(a.req.constraint is not None for a in live.values()):
+            self._masked_step()
+            return
         if live:
             res = self.sm._decode(self.sm.state, self.slots, self.eos)
             self.slots = res[0]
@@ -294,6 +303,28 @@ class ServingEngine:
         if self._pending is not None and not any(a.live and not a.stopping for a in self._active.values()):
             pending, self._pending = self._pending, None
             self._consume(*pending)
+
+    def _masked_step(self) -> None:
+        """While a constrained request runs: read what is pending, then one decode step for every
+        live slot, each constrained row under the mask of what it may say next."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._consume(*pending)
+        live = {s: a for s, a in self._active.items() if a.live and not a.stopping}
+        if not live:
+            return
+        masks = np.full((self.max_slots, self._mask_words()), -1, np.int32)
+        for slot, a in live.items():
+            if a.req.constraint is not None:
+                m = a.req.constraint.mask(a.req.tokens)
+                if m is not None:
+                    masks[slot] = m
+        res = self.sm._decode_masked(self.sm.state, self.slots, self.eos, jnp.asarray(masks))
+        self.slots = res[0]
+        self._consume(res[1:], live)
+
+    def _mask_words(self) -> int:
+        return -(-self.sm.cfg.vocab_size // 32)
 
     def _admit(self) -> None:
         while self._waiting and any(self._free):
@@ -355,10 +386,11 @@ class ServingEngine:
     def _go_live(self, a: _Active, lane: int) -> None:
         r, sm = a.req, self.sm
         # the engine's EOS ids stop a row on the device; a request's own stop ids on the host
-        res = sm._insert(sm.state, self.slots, jnp.int32(a.slot), self._h, jnp.int32(lane), jnp.int32(len(r.prompt)),
-                         jnp.int32(r.max_tokens), jnp.float32(r.temperature), jnp.float32(r.top_p),
-                         jnp.int32(r.top_k), jnp.asarray(jax.random.key_data(jax.random.key(r.seed)), jnp.uint32),
-                         self.eos)
+        args = (sm.state, self.slots, jnp.int32(a.slot), self._h, jnp.int32(lane), jnp.int32(len(r.prompt)),
+                jnp.int32(r.max_tokens), jnp.float32(r.temperature), jnp.float32(r.top_p),
+                jnp.int32(r.top_k), jnp.asarray(jax.random.key_data(jax.random.key(r.seed)), jnp.uint32), self.eos)
+        mask = None if r.constraint is None else r.constraint.mask([])
+        res = sm._insert(*args) if mask is None else sm._insert_masked(*args, jnp.asarray(mask, jnp.int32))
         self.slots = res[0]
         a.live = True
         self._save_prefix(a.slot, list(r.prompt))

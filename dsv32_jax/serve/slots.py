@@ -13,6 +13,9 @@ chunk), are:
     decode(state, slots, eos) -> (slots, tokens [S, steps], logprobs [S, steps], steps run)
         `steps` decode steps for every live slot (a lax.while_loop; finished and free slots
         stand still), stopping early when no slot is live.
+    insert_masked(..., mask [W]) / decode_masked(state, slots, eos, masks [S, W])
+        the same with token masks (int32 bit words, W = ceil(V / 32)) applied before sampling;
+        decode_masked runs one step (the host computes each constrained row's next mask).
     save_block(slots, pool, slot, block, entry) -> pool  /  load_block(...) -> slots
         copy one 64-token block of every layer's cache rows (latent + rope key AND indexer
         key + scale) from a slot to an entry of the prefix pool, or back.
@@ -82,6 +85,15 @@ def _scatter(x, index, value):
         bits = bits.at[index].set(jax.lax.bitcast_convert_type(value.astype(x.dtype), jnp.uint8), mode="drop")
         return jax.lax.bitcast_convert_type(bits, x.dtype)
     return x.at[index].set(value.astype(x.dtype), mode="drop")
+
+
+def apply_token_mask(logits, masks):
+    """logits f32 [B, V]; masks int32 [B, W] (W = ceil(V / 32), bit j of word w allows token
+    32 w + j, as llguidance fills them) -> logits with disallowed tokens at -inf."""
+    b, v = logits.shape
+    bits = (masks[:, :, None] >> jnp.arange(32, dtype=jnp.int32)[None, None]) & 1
+    allowed = bits.reshape(b, -1)[:, :v].astype(bool)
+    return jnp.where(allowed, logits.astype(jnp.float32), -jnp.inf)
 
 
 def _set_row(x, slot, value):
@@ -161,13 +173,14 @@ class SlotModel:
             h = jnp.where(((rel >= 0) & (rel < c))[:, None], pick, h)
             return dataclasses.replace(slots, caches=put_rows(slots.caches, row, lane_slots)), h
 
-        def insert(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, eos):
+        def insert_impl(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, eos, mask):
             """Arm `slot` with the request whose prompt's final hidden state is h[lane]."""
             m = nnx.merge(gd, state)
             logits = m.logits(host_view(h)[lane][None])
+            sample_logits = logits if mask is None else apply_token_mask(logits, mask[None])
             seeds = _set_row(slots.seeds, slot, seed)
             key = _row_keys(seed[None], jnp.zeros((1,), jnp.int32))
-            tok = sample_rows(logits, key, temperature[None], top_p[None], top_k[None], candidates=candidates)
+            tok = sample_rows(sample_logits, key, temperature[None], top_p[None], top_k[None], candidates=candidates)
             lp, top_ids, top_lp = token_logprobs(logits, tok, n_lp)
             done = jnp.isin(tok[0], eos) | (max_new <= 1)
             slots = dataclasses.replace(
@@ -178,7 +191,16 @@ class SlotModel:
             extra = (host_view(top_ids[0]), host_view(top_lp[0])) if n_lp else ()
             return slots, host_view(tok[0]), host_view(lp[0]), host_view(done), *extra
 
-        def decode(state, slots, eos):
+        def insert(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, eos):
+            return insert_impl(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, eos,
+                               None)
+
+        def insert_masked(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, eos, mask):
+            """insert, the first token drawn among those `mask` (int32 [W] bits) allows."""
+            return insert_impl(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, eos,
+                               mask)
+
+        def decode_impl(state, slots, eos, masks, steps):
             m = nnx.merge(gd, state)
             s = slots.tokens.shape[0]
             out = jnp.full((s, steps), -1, jnp.int32)
@@ -197,7 +219,8 @@ class SlotModel:
                     h, _, caches = m.hidden(sl.tokens[:, None], pos[:, None], sl.caches)
                     logits = m.logits(h[:, 0])
                 keys = _row_keys(sl.seeds, sl.count)
-                nxt = sample_rows(logits, keys, sl.temperature, sl.top_p, sl.top_k, candidates=candidates)
+                masked = logits if masks is None else apply_token_mask(logits, masks)
+                nxt = sample_rows(masked, keys, sl.temperature, sl.top_p, sl.top_k, candidates=candidates)
                 lp, top_ids, top_lp = token_logprobs(logits, nxt, n_lp)
                 live = sl.live
                 nxt = jnp.where(live, nxt, sl.tokens)
@@ -213,6 +236,13 @@ class SlotModel:
 
             i, slots, out, lps, tops = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, out, lps, tops))
             return slots, host_view(out), host_view(lps), host_view(i), *(host_view(t) for t in tops)
+
+        def decode(state, slots, eos):
+            return decode_impl(state, slots, eos, None, steps)
+
+        def decode_masked(state, slots, eos, masks):
+            """One decode step, each row drawing among the tokens its mask (int32 [S, W] bits) allows."""
+            return decode_impl(state, slots, eos, masks, 1)
 
         def release(slots, slot):
             return dataclasses.replace(slots, live=_set_row(slots.live, slot, False))
@@ -258,6 +288,8 @@ class SlotModel:
         self._prefill = jit(prefill, (1,))
         self._insert = jit(insert, (1,))
         self._decode = jit(decode, (1,))
+        self._insert_masked = jit(insert_masked, (1,))       # compiled on first use (constrained requests)
+        self._decode_masked = jit(decode_masked, (1,))
         self._release = jit(release, (0,))
         self._save_block = jit(save_block, (1,))
         self._load_block = jit(load_block, (0,))

@@ -1,0 +1,168 @@
+"""HTTP server benchmark, measured the way `vllm bench serve` does; prints one JSON object.
+
+The same ServingEngine (the demo model, or --ckpt) is driven two ways with the same workload
+(--requests prompts of --prompt-len random token ids, --out-len output tokens each, EOS
+ignored so every request runs to its length):
+
+  "engine": all requests submitted at once to the engine, run in Python (run_until_idle);
+  "server": --concurrency streaming clients (httpx, /v1/completions with token-id prompts and
+            stream_options.include_usage) against the live server on loopback.
+
+Server metrics: TTFT (submission to the first streamed text), TPOT ((latency - TTFT) /
+(output tokens - 1)), ITL (gaps between streamed chunks), E2E latency (mean, p50, p90, p99, ms),
+request and output-token throughput; "http_efficiency" = server output tokens/s over the
+engine's (target >= 0.85 at 16 concurrent clients).
+
+    python benchmarks/serve.py [--ckpt DIR] [--requests 32] [--concurrency 16] [--max-slots 16]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _pcts(xs) -> dict:
+    a = np.asarray(xs, np.float64) * 1e3
+    if a.size == 0:
+        return {}
+    return {"mean": round(float(a.mean()), 2), "p50": round(float(np.percentile(a, 50)), 2),
+            "p90": round(float(np.percentile(a, 90)), 2), "p99": round(float(np.percentile(a, 99)), 2)}
+
+
+def _engine(args, ckpt):
+    import dsv32_jax
+    from dsv32_jax.generate.tokenizer import load_tokenizer
+    from dsv32_jax.serve import ServingEngine
+
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    model = dsv32_jax.load(ckpt, dtype=jnp.dtype(dtype), mesh=args.mesh)
+    tok = load_tokenizer(ckpt)
+    eng = ServingEngine(model, max_slots=args.max_slots, max_len=args.max_len, chunk=args.chunk, steps=args.steps,
+                        prefix_blocks=0, max_queue=4 * args.requests, eos_ids=(), tokenizer=tok)
+    eng.warmup()
+    return model, tok, eng
+
+
+def run_engine(eng, prompts, out_len) -> dict:
+    from dsv32_jax.serve import Request
+
+    reqs = [Request(p, max_tokens=out_len, temperature=1.0, seed=i) for i, p in enumerate(prompts)]
+    t0 = time.perf_counter()
+    eng.generate(reqs)
+    dt = time.perf_counter() - t0
+    n = sum(len(r.tokens) for r in reqs)
+    return {"duration_s": round(dt, 3), "output_tokens": n, "output_tok_s": round(n / dt, 2)}
+
+
+async def _client(base, prompts, out_len, concurrency) -> list:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    results = []
+
+    async def one(c, i, p):
+        async with sem:
+            body = {"model": "deepseek-chat", "prompt": p, "max_tokens": out_len, "temperature": 1.0, "seed": i,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            t0 = time.perf_counter()
+            stamps, n = [], 0
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    ch = json.loads(line[6:])
+                    if ch["choices"] and ch["choices"][0]["text"]:
+                        stamps.append(time.perf_counter())
+                    if ch.get("usage"):
+                        n = ch["usage"]["completion_tokens"]
+            results.append((t0, stamps, time.perf_counter(), n))
+
+    async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as c:
+        await asyncio.gather(*[one(c, i, p) for i, p in enumerate(prompts)])
+    return results
+
+
+def run_server(model, tok, eng, prompts, args) -> dict:
+    import uvicorn
+
+    from dsv32_jax.serve.app import Server, ServerConfig
+
+    cfg = ServerConfig(served=["deepseek-chat"], max_len=args.max_len, vocab_size=model.module.cfg.vocab_size,
+                       eos_ids=())
+    server = Server(eng, tok, cfg).start()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    uv = uvicorn.Server(uvicorn.Config(server.app, log_level="warning", lifespan="off"))
+    th = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    th.start()
+    while not uv.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        t0 = time.perf_counter()
+        res = asyncio.run(_client(base, prompts, args.out_len, args.concurrency))
+        dt = time.perf_counter() - t0
+    finally:
+        uv.should_exit = True
+        th.join(10)
+        server.stop()
+    ttft = [s[0] - t for t, s, _, _ in res if s]
+    itl = [b - a for _, s, _, _ in res for a, b in zip(s, s[1:])]
+    e2e = [e - t for t, _, e, _ in res]
+    tpot = [(e - s[0]) / (n - 1) for t, s, e, n in res if s and n > 1]
+    n = sum(r[3] for r in res)
+    return {"duration_s": round(dt, 3), "completed": len(res), "output_tokens": n,
+            "request_throughput": round(len(res) / dt, 3), "output_tok_s": round(n / dt, 2),
+            "ttft_ms": _pcts(ttft), "tpot_ms": _pcts(tpot), "itl_ms": _pcts(itl), "e2e_ms": _pcts(e2e)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="checkpoint directory (default: the demo model)")
+    p.add_argument("--mesh", default=None)
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"])
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-slots", type=int, default=16)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--out-len", type=int, default=64)
+    args = p.parse_args(argv)
+    rs = np.random.RandomState(0)
+    prompts = [list(map(int, rs.randint(2, 100000, args.prompt_len))) for _ in range(args.requests)]
+    with tempfile.TemporaryDirectory(prefix="dsv32-serve-bench-") as tmp:
+        ckpt = args.ckpt
+        if ckpt is None:
+            from dsv32_jax.generate.__main__ import build_demo_checkpoint
+            ckpt = str(build_demo_checkpoint(tmp))
+        model, tok, eng = _engine(args, ckpt)
+        run_engine(eng, prompts[:args.max_slots], 8)             # warm the host paths too
+        engine = run_engine(eng, prompts, args.out_len)
+        server = run_server(model, tok, eng, prompts, args)
+    out = {"backend": jax.default_backend(), "devices": jax.device_count(),
+           "workload": {k: getattr(args, k) for k in ("requests", "concurrency", "max_slots", "prompt_len",
+                                                       "out_len", "steps")},
+           "engine": engine, "server": server,
+           "http_efficiency": round(server["output_tok_s"] / engine["output_tok_s"], 3)}
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
