@@ -150,7 +150,9 @@ class MLA(nnx.Module):
         with jax.named_scope("mla"):
             return self._attention(x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths, q_starts)
 
-    def _attention(self, x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths, q_starts):
+    def absorbed_queries(self, x, cos, sin):
+        """x [B, T, D] -> (q_full [B, T, H, kv_lora_rank + rope] with W_UK folded in, the
+        normed query latent qr [B, T, q_lora_rank], kv_b as [kv_lora_rank, H, nope + v])."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
@@ -160,7 +162,13 @@ class MLA(nnx.Module):
         wkv_b = self.kv_b.weight().reshape(cfg.kv_lora_rank, h, nope + v)
         q_abs = jnp.einsum("bthn,chn->bthc", q[..., :nope], wkv_b[..., :nope].astype(q.dtype),
                            preferred_element_type=jnp.float32).astype(q.dtype)
-        q_full = jnp.concatenate([q_abs, q_pe], axis=-1)                    # [B, T, H, 576]
+        return jnp.concatenate([q_abs, q_pe], axis=-1), qr, wkv_b
+
+    def _attention(self, x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths, q_starts):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+        q_full, qr, wkv_b = self.absorbed_queries(x, cos, sin)                # [B, T, H, 576]
 
         latent = self.latent(x, cos, sin, numerics)
         ik, iks = self.indexer.keys(x, cos, sin, numerics)

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv32_jax.layers import rope_interleaved
 
 STAGES = ("dense", "sparse")
 # stats per layer: [kl_sum, queries, recall_sum, ceiling_sum, recall_queries]
@@ -45,16 +44,8 @@ def mla_projections(mla, x, cos, sin, numerics):
     x [B, T, D] (attn-normed hidden) -> (q_full [B, T, H, Dk], latent [B, T, Dk], qr [B, T, q_lora]),
     Dk = kv_lora_rank + qk_rope_head_dim.
     """
-    cfg = mla.cfg
-    b, t, _ = x.shape
-    h, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
-    qr = mla.q_norm(mla.q_a(x))
-    q = mla.q_b(qr).reshape(b, t, h, cfg.qk_head_dim)
-    q_pe = rope_interleaved(q[..., nope:], cos, sin)
-    wkv_b = mla.kv_b.weight().reshape(cfg.kv_lora_rank, h, nope + v)
-    q_abs = jnp.einsum("bthn,chn->bthc", q[..., :nope], wkv_b[..., :nope].astype(q.dtype),
-                       preferred_element_type=jnp.float32).astype(q.dtype)
-    return jnp.concatenate([q_abs, q_pe], axis=-1), mla.latent(x, cos, sin, numerics), qr
+    q_full, qr, _ = mla.absorbed_queries(x, cos, sin)
+    return q_full, mla.latent(x, cos, sin, numerics), qr
 
 
 def _kl_rows(p, logits, valid):

@@ -23,6 +23,16 @@ RECOMMENDED_TEMPERATURE = 1.0
 RECOMMENDED_TOP_P = 0.95
 
 
+def check_sampling(temperature, top_p, top_k) -> None:
+    """ValueError naming the field of an out-of-range sampling setting."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to pick the next token.
@@ -38,12 +48,7 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        check_sampling(self.temperature, self.top_p, self.top_k)
 
     @property
     def greedy(self) -> bool:

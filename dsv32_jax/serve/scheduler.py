@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv32_jax.generate.engine import _TextStream
+from dsv32_jax.generate.sampling import check_sampling
 from dsv32_jax.serve.prefix_cache import PrefixCache, block_keys
 from dsv32_jax.serve.slots import BLOCK, SlotModel
 
@@ -108,12 +109,7 @@ class Request:
         if len(self.prompt) + self.max_tokens > max_len:
             raise ValueError(f"prompt ({len(self.prompt)} tokens) + max_tokens ({self.max_tokens}) exceeds the "
                              f"context of {max_len} tokens")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        check_sampling(self.temperature, self.top_p, self.top_k)
 
     @property
     def prompt_tokens(self) -> int:
