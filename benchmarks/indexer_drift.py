@@ -15,7 +15,7 @@
    queries (those with more than K visible keys).
 
 The indexer is 4x the heads and 2x the head dim of the main attention's 4 x 32 (the release's ratio
-is 64 x 128 against 128 heads); an 8 x 32 indexer, or the LoRA's lr 2e-3, leaves the aligned arm
+is 64 x 128 against 128 heads); an 8 x 32 indexer, or the LoRA lr 2e-3, leaves the aligned arm
 10+ points under the ceiling at the end of the fine-tune.
 
 Prints (and writes with --out) one JSON object. CPU: about a minute for the defaults.
