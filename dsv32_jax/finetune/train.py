@@ -228,9 +228,18 @@ class Trainer:
         self.mesh = model.options.mesh
         # the trained variables are born where they live (adapters: replicated by apply_lora;
         # indexer weights: in their rule-table shards); the optimizer state is created by a jitted
-        # init whose outputs take their shardings (zeros like each trained array, on its devices)
+        # init whose out_shardings put each moment next to its array (scalars replicated)
         self.graphdef, self.lora, self.rest = nnx.split(model, trainable, ...)
-        self.opt_state = jax.jit(make_optimizer(hp).init)(self.lora)
+        init = make_optimizer(hp).init
+        shardings = None
+        if self.mesh is not None:
+            rep = NamedSharding(self.mesh, PartitionSpec())
+            by_shape = {}
+            for a in jax.tree.leaves(self.lora):
+                by_shape.setdefault(tuple(a.shape), a.sharding)
+            shardings = jax.tree.map(lambda s: by_shape.get(tuple(s.shape), rep) if s.ndim else rep,
+                                     jax.eval_shape(init, self.lora))
+        self.opt_state = jax.jit(init, out_shardings=shardings)(self.lora)
         self.step = 0
 
     def device_batch(self, batch) -> dict:

@@ -97,7 +97,7 @@ def test_errors_name_the_file_and_field(demo_ckpt, tmp_path, capsys):
     assert main(["--ckpt", str(demo_ckpt), "--prompt-ids", "1,999999"]) == 2
     assert "vocabulary" in capsys.readouterr().err
     assert main(["--ckpt", str(demo_ckpt)]) == 2                   # no prompt
-    assert "error: one of --prompt, --chat, --prompt-ids is required" in capsys.readouterr().err
+    assert "error: one of --prompt, --chat, --prompt-ids, --prompts is required" in capsys.readouterr().err
 
 
 def test_relative_ckpt_without_tokenizer_prints_the_ids(demo_ckpt, tmp_path, monkeypatch, capsys):
