@@ -20,12 +20,12 @@ all a checkpoint needs to resume the exact same stream.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 
 from dsv32_jax.finetune.packing import pack_rows
 from dsv32_jax.generate.chat import encode_messages
+from dsv32_jax.jsonl import json_lines
 
 MODES = ("pack", "pad")
 
@@ -34,27 +34,13 @@ def read_jsonl_lines(path) -> list[tuple[int, list[dict]]]:
     """[(line number, conversation)] of a JSONL file; blank lines are skipped. ValueError names
     the file and line (missing file, not UTF-8, not JSON, not a list of messages, no lines)."""
     convs = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                msgs = obj.get("messages") if isinstance(obj, dict) else obj
-                if not isinstance(msgs, list) or not msgs or \
-                        not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
-                    raise ValueError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\": ..., ...}}, ...]}} "
-                                     "(a non-empty list of messages, each with a string 'role')")
-                convs.append((lineno, msgs))
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory, not a JSONL file") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    for lineno, obj in json_lines(path):
+        msgs = obj.get("messages") if isinstance(obj, dict) else obj
+        if not isinstance(msgs, list) or not msgs or \
+                not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
+            raise ValueError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\": ..., ...}}, ...]}} "
+                             "(a non-empty list of messages, each with a string 'role')")
+        convs.append((lineno, msgs))
     if not convs:
         raise ValueError(f"{path}: no conversations (the file is empty)")
     return convs

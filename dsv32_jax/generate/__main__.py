@@ -265,21 +265,15 @@ def prepare(args, ckpt: Path) -> dict:
 
 def read_prompts(path) -> list:
     """Entries of a --prompts JSONL file (str, {"messages": [...]}, or list of int ids)."""
+    from dsv32_jax.jsonl import json_lines
+
     path = abspath(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise CliError(f"--prompts: no such file {path}") from None
-    except (IsADirectoryError, UnicodeDecodeError) as e:
-        raise CliError(f"--prompts: {path}: cannot be read ({e})") from None
+        lines = json_lines(path)
+    except ValueError as e:
+        raise CliError(f"--prompts: {e}") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CliError(f"{path}:{n}: not valid JSON ({err})") from None
+    for n, e in lines:
         ok = (isinstance(e, str) and e) or (isinstance(e, dict) and isinstance(e.get("messages"), list)
                                              and e["messages"]) or \
              (isinstance(e, list) and e and all(isinstance(i, int) and not isinstance(i, bool) for i in e))
