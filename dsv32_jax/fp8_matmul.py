@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv32_jax.grouped_matmul import grouped_matmul
+from dsv32_jax.numerics import check_block_scale
 
 MAX_TILE_RATIO = 1.0 / 6.0     # dequantised tile bytes / FP8 weight bytes
 MIN_TILE_BYTES = 1 << 16       # weights whose compute-dtype copy is below this take one step
@@ -71,15 +72,6 @@ def tile_plan(k: int, n_cols: int, bk: int, itemsize: int, *, max_tile_ratio: fl
     if best is None:                            # K smaller than the wanted step count
         return 1, 1, k
     return best
-
-
-def _check(w8, scale, block, where: str):
-    bk, bn = block
-    k, n = w8.shape[-2:]
-    want = (math.ceil(k / bk), math.ceil(n / bn))
-    if tuple(scale.shape[-2:]) != want:
-        raise ValueError(f"error: {where}: scale shape {tuple(scale.shape)} does not match FP8 weight "
-                         f"{tuple(w8.shape)} with {bk}x{bn} blocks (expected [..., {want[0]}, {want[1]}])")
 
 
 def _chunk_scales(scale, k: int, c: int, bk: int):
@@ -124,7 +116,7 @@ def fp8_matmul(x, w8, scale, block: tuple[int, int], *, out_dtype=None, max_tile
     block = (bk, bn): rows of K and columns of N per scale. Partial products in x's dtype with
     float32 accumulation; the result is cast to `out_dtype` (default x's dtype).
     """
-    _check(w8, scale, block, "fp8_matmul")
+    check_block_scale(w8, scale, block, "fp8_matmul")
     bk, bn = block
     k, n = w8.shape
     if x.shape[-1] != k:
@@ -176,7 +168,7 @@ def fp8_ragged_dot(x, w8, scale, group_sizes, block: tuple[int, int], *, max_til
     x[r] @ (w8[g] * scale[g]). Each K chunk is one `ragged_dot` whose rows are then scaled by
     their own group's scales.
     """
-    _check(w8, scale, block, "fp8_ragged_dot")
+    check_block_scale(w8, scale, block, "fp8_ragged_dot")
     bk, bn = block
     g, k, n = w8.shape
     r = x.shape[0]

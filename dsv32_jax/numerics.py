@@ -72,6 +72,16 @@ def hadamard(x):
     return y.astype(x.dtype)
 
 
+def check_block_scale(w, scale, block, where: str) -> None:
+    """ValueError unless scale [..., ceil(R/br), ceil(C/bc)] fits the block-scaled w [..., R, C]."""
+    br, bc = block
+    r, c = w.shape[-2:]
+    want = (math.ceil(r / br), math.ceil(c / bc))
+    if tuple(scale.shape[-2:]) != want:
+        raise ValueError(f"error: {where}: scale shape {tuple(scale.shape)} does not match FP8 weight {tuple(w.shape)} "
+                         f"with {br}x{bc} blocks (expected [..., {want[0]}, {want[1]}])")
+
+
 def dequant_blocks(w, scale, block=(128, 128), xp=jnp):
     """Dequantise a block-scaled matrix: w [R, C] (fp8) * scale [ceil(R/br), ceil(C/bc)] -> float32.
 
@@ -79,9 +89,6 @@ def dequant_blocks(w, scale, block=(128, 128), xp=jnp):
     """
     br, bc = block
     r, c = w.shape[-2:]
-    want = (math.ceil(r / br), math.ceil(c / bc))
-    if tuple(scale.shape[-2:]) != want:
-        raise ValueError(f"scale shape {tuple(scale.shape)} does not match weight {tuple(w.shape)} "
-                         f"with {br}x{bc} blocks (expected {want})")
+    check_block_scale(w, scale, block, "dequant_blocks")
     s = xp.repeat(xp.repeat(scale.astype(xp.float32), br, axis=-2), bc, axis=-1)[..., :r, :c]
     return w.astype(xp.float32) * s
