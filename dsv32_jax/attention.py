@@ -32,10 +32,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv32_jax.config import ModelConfig
+from dsv32_jax.fp8_matmul import fp8_head_einsum
 from dsv32_jax.indexer import Indexer
 from dsv32_jax.layers import Linear, RMSNorm, rope_interleaved
 from dsv32_jax.numerics import fp8_round_trip
 from dsv32_jax.kernel_sharding import sharded_indexer_topk, sharded_sparse_mla
+from dsv32_jax.sharding import spec_for
 from pallas_kernels.common import platform_backend
 
 # attention_impl -> (indexer_topk impl, sparse_mla impl); "auto" is resolved by resolve_attention
@@ -152,23 +154,43 @@ class MLA(nnx.Module):
 
     def absorbed_queries(self, x, cos, sin):
         """x [B, T, D] -> (q_full [B, T, H, kv_lora_rank + rope] with W_UK folded in, the
-        normed query latent qr [B, T, q_lora_rank], kv_b as [kv_lora_rank, H, nope + v])."""
+        normed query latent qr [B, T, q_lora_rank], the kv_b Linear (see kv_b_product))."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
         qr = self.q_norm(self.q_a(x))
         q = self.q_b(qr).reshape(b, t, h, cfg.qk_head_dim)
         q_pe = rope_interleaved(q[..., nope:], cos, sin)
-        wkv_b = self.kv_b.weight().reshape(cfg.kv_lora_rank, h, nope + v)
-        q_abs = jnp.einsum("bthn,chn->bthc", q[..., :nope], wkv_b[..., :nope].astype(q.dtype),
-                           preferred_element_type=jnp.float32).astype(q.dtype)
-        return jnp.concatenate([q_abs, q_pe], axis=-1), qr, wkv_b
+        q_abs = self.kv_b_product("bthn,chn->bthc", q[..., :nope], (0, nope))
+        return jnp.concatenate([q_abs, q_pe], axis=-1), qr, self.kv_b
+
+    def kv_b_product(self, spec, x, cols):
+        """einsum(spec, x [B, T, H, X], kv_b as [kv_lora_rank, H, nope + v][:, :, cols[0]:cols[1]])
+        in x's dtype with float32 accumulation. W_UK: cols (0, nope); W_UV: (nope, nope + v).
+
+        FP8 kv_b is dequantised a few heads at a time inside the product
+        (`fp8_matmul.fp8_head_einsum`): no full-size dequantised copy of it exists per call."""
+        cfg = self.cfg
+        h, p = cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim
+        c0, c1 = cols
+        lin = self.kv_b
+        if getattr(lin, "fp8_block", None) is not None:
+            tile = spec.replace("h", "a")                 # over a tile of A heads
+            shards = 1
+            if self.mesh is not None:
+                part = spec_for(lin.kernel.get_metadata().get("axes"), lin.kernel.shape, self.mesh)[1]
+                for ax in ((part,) if isinstance(part, str) else (part or ())):
+                    shards *= self.mesh.shape[ax]
+            return fp8_head_einsum(tile, x, lin.kernel[...], lin.kernel_scale[...], lin.kernel_block, heads=h,
+                                   cols=cols, head_shards=shards)
+        w = lin.weight().reshape(cfg.kv_lora_rank, h, p)[..., c0:c1]
+        return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
     def _attention(self, x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths, q_starts):
         cfg = self.cfg
         b, t, _ = x.shape
         h, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
-        q_full, qr, wkv_b = self.absorbed_queries(x, cos, sin)                # [B, T, H, 576]
+        q_full, qr, _ = self.absorbed_queries(x, cos, sin)                    # [B, T, H, 576]
 
         latent = self.latent(x, cos, sin, numerics)
         ik, iks = self.indexer.keys(x, cos, sin, numerics)
@@ -197,8 +219,7 @@ class MLA(nnx.Module):
             o_lat, idx = _map_query_chunks(attend, args, XLA_QUERY_CHUNK)
         else:
             o_lat, idx = attend(*args)
-        o = jnp.einsum("bthc,chv->bthv", o_lat.astype(x.dtype), wkv_b[..., nope:].astype(x.dtype),
-                       preferred_element_type=jnp.float32).astype(x.dtype)
+        o = self.kv_b_product("bthc,chv->bthv", o_lat.astype(x.dtype), (nope, nope + v))
         return self.o(o.reshape(b, t, h * v)), idx, cache
 
 

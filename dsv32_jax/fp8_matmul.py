@@ -35,6 +35,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dsv32_jax.grouped_matmul import grouped_matmul
 from dsv32_jax.numerics import check_block_scale
@@ -194,3 +195,65 @@ def fp8_ragged_dot(x, w8, scale, group_sizes, block: tuple[int, int], *, max_til
 
         acc, _ = jax.lax.scan(jax.checkpoint(step), jnp.zeros((r, n), jnp.float32), (jnp.arange(s), cs))
         return acc
+
+
+def head_tile_steps(heads: int, frac: float, itemsize_fp8_ratio: float, *, max_tile_ratio: float = MAX_TILE_RATIO,
+                    head_shards: int = 1, full_bytes: int = 0, min_tile_bytes: int = MIN_TILE_BYTES) -> int:
+    """Scan steps S over the heads (S divides heads / head_shards) so that one float32 tile of
+    `frac` of a head's columns is <= max_tile_ratio of the FP8 weight (itemsize_fp8_ratio = 4)."""
+    local = heads // head_shards if heads % head_shards == 0 else heads
+    want = math.ceil(itemsize_fp8_ratio * frac / max_tile_ratio)
+    if min_tile_bytes and full_bytes // max(min_tile_bytes, 1) < want:
+        want = max(1, full_bytes // max(min_tile_bytes, 1))
+    fits = [d for d in _divisors(local) if d >= want]
+    return min(fits) if fits else local
+
+
+def fp8_head_einsum(spec: str, x, w8, scale, block: tuple[int, int], *, heads: int, cols: tuple[int, int],
+                    out_dtype=None, head_shards: int = 1, max_tile_ratio: float = MAX_TILE_RATIO,
+                    min_tile_bytes: int = MIN_TILE_BYTES):
+    """A per-head product with a head-grouped FP8 weight, dequantised a few heads at a time.
+
+    w8 [R, H*P] e4m3 (column h*P + p is column p of head h), scale [ceil(R/br), ceil(H*P/bc)],
+    block = (br, bc); W[r, h, p] = w8[r, h*P + p] * scale[r // br, (h*P + p) // bc].
+    x [B, T, H, X] -> [B, T, H, Y] = einsum(spec, x[:, :, heads], W[:, heads, c0:c1]) per head
+    tile, with spec over a head tile: operands [B, T, A, X] and [R, A, c1 - c0], e.g.
+    "btan,can->btac" (MLA's absorbed W_UK) or "btac,cav->btav" (W_UV).
+
+    A `lax.scan` over S steps takes heads {a*S + s : a < A} per step (A = H / S), so a heads dim
+    split over a mesh axis stays split on A; the largest weight temporary is one float32 tile
+    [R, A, c1 - c0], <= max_tile_ratio of the FP8 weight (weights below min_tile_bytes may take
+    one step). Each tile is dequantised exactly as `dequant_blocks` (w8 * scale in float32) and
+    cast to x's dtype, so the products equal dequantise-then-einsum's operand for operand.
+    """
+    check_block_scale(w8, scale, block, "fp8_head_einsum")
+    br, bc = block
+    r, hp = w8.shape
+    p = hp // heads
+    c0, c1 = cols
+    if hp != heads * p or not 0 <= c0 < c1 <= p:
+        raise ValueError(f"error: fp8_head_einsum: weight {tuple(w8.shape)} is not {heads} heads with columns "
+                         f"{c0}:{c1}")
+    cd = x.dtype
+    out_dtype = cd if out_dtype is None else out_dtype
+    s = head_tile_steps(heads, (c1 - c0) / p, 4.0, max_tile_ratio=max_tile_ratio, head_shards=head_shards,
+                        full_bytes=r * hp, min_tile_bytes=min_tile_bytes)
+    a = heads // s
+    with jax.named_scope("fp8_head_einsum"):
+        w8, scale = jax.lax.stop_gradient(w8), jax.lax.stop_gradient(scale)          # frozen weights
+        rows = jnp.take(scale.astype(jnp.float32), jnp.arange(r) // br, axis=0)       # [R, NB]
+        w4 = w8.reshape(r, a, s, p)                                                     # view of the columns
+        xv = x.reshape(*x.shape[:2], a, s, x.shape[-1])
+        col = np.arange(c0, c1)
+
+        def step(_, i):
+            w_t = jax.lax.slice_in_dim(_tile(w4, i, 2, w8.dtype), c0, c1, axis=2)      # [R, A, c1-c0] e4m3
+            blk = ((jnp.arange(a)[:, None] * s + i) * p + col[None, :]) // bc           # [A, c1-c0]
+            w_t = (w_t.astype(jnp.float32) * jnp.take(rows, blk, axis=1)).astype(cd)
+            x_t = jax.lax.dynamic_index_in_dim(xv, i, axis=3, keepdims=False)          # [B, T, A, X]
+            y = jnp.einsum(spec, x_t, w_t, preferred_element_type=jnp.float32)
+            return None, y.astype(out_dtype)
+
+        _, ys = jax.lax.scan(jax.checkpoint(step), None, jnp.arange(s))              # [S, B, T, A, Y]
+        ys = jnp.moveaxis(ys, 0, 3)                                                     # [B, T, A, S, Y]
+        return ys.reshape(*ys.shape[:2], heads, ys.shape[-1])

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv32_jax.fp8_matmul import fp8_matmul, fp8_ragged_dot, tile_plan
+from dsv32_jax.fp8_matmul import fp8_head_einsum, fp8_matmul, fp8_ragged_dot, tile_plan
 from dsv32_jax.numerics import dequant_blocks
 
 HI = jax.lax.Precision.HIGHEST
@@ -136,3 +136,65 @@ def test_gradient_to_x_without_stored_tiles():
     grad = jax.grad(lambda x, w, s: fp8_matmul(x, w, s, (128, 128)).astype(jnp.float32).sum())
     temp = jax.jit(grad).lower(xa, wa, sa).compile().memory_analysis().temp_size_in_bytes
     assert temp < k * n, temp
+
+
+# (heads, R, nope, v, block, max_tile_ratio, min_tile_bytes): the release's 128-column head halves
+# on 128-blocks; tiny heads several to a scale block with a partial row tile; one-step plan
+HEAD_CASES = [
+    (8, 256, 128, 128, (128, 128), 1 / 6, 0),
+    (4, 32, 16, 16, (128, 128), 0.5, 0),
+    (6, 100, 24, 8, (32, 16), 1.0, 1 << 30),
+]
+
+
+@pytest.mark.parametrize("heads,r,nope,v,block,ratio,min_bytes", HEAD_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fp8_head_einsum_equals_dequantise_then_einsum(heads, r, nope, v, block, ratio, min_bytes, dtype):
+    """MLA's absorbed W_UK / W_UV products with a head-tiled FP8 kv_b against the plain-jnp
+    reference (dequantise_blocks whole, cast to the compute dtype, einsum with f32 accumulation,
+    as Linear.weight() + attention did). Each tile is dequantised exactly as dequant_blocks
+    (same f32 product, same cast), so both contract the same operands over the same axis:
+    measured bit-equal on XLA:CPU; we allow 1e-6 of the output scale (f32 summation order of
+    <= 512 terms, should a backend block the contraction differently)."""
+    rng = np.random.default_rng(heads + r)
+    w8, s = _weights(rng, (r, heads * (nope + v)), block)
+    w = dequant_blocks(w8, s, block).astype(dtype).reshape(r, heads, nope + v)
+    q = jnp.asarray(rng.standard_normal((2, 3, heads, nope)), dtype)
+    o = jnp.asarray(rng.standard_normal((2, 3, heads, r)), dtype)
+    kw = dict(heads=heads, max_tile_ratio=ratio, min_tile_bytes=min_bytes)
+    got_k = jax.jit(lambda x, a, b: fp8_head_einsum("btan,can->btac", x, a, b, block, cols=(0, nope), **kw))(q, w8, s)
+    got_v = jax.jit(lambda x, a, b: fp8_head_einsum("btac,cav->btav", x, a, b, block, cols=(nope, nope + v), **kw))(
+        o, w8, s)
+    ref_k = jnp.einsum("bthn,chn->bthc", q, w[..., :nope], preferred_element_type=jnp.float32).astype(dtype)
+    ref_v = jnp.einsum("bthc,chv->bthv", o, w[..., nope:], preferred_element_type=jnp.float32).astype(dtype)
+    for got, ref in ((got_k, ref_k), (got_v, ref_v)):
+        assert got.shape == ref.shape and got.dtype == dtype
+        g, e = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+        assert np.max(np.abs(g - e)) <= 1e-6 * np.max(np.abs(e)), np.max(np.abs(g - e))
+
+
+def test_fp8_head_einsum_temporaries_below_the_weight():
+    """The release's kv_b (512 x 128 heads x 256, 16 MiB of e4m3): the dequantise-whole path
+    makes a float32 copy 4.0x the FP8 bytes; the head-tiled product's largest weight-derived
+    temporary is <= 1/6 of them (introspect.temporaries on the jaxpr)."""
+    from dsv32_jax.introspect import largest_weight_temp, temporaries
+
+    block, heads, r, p = (128, 128), 128, 512, 256
+    params = {"kernel": jax.ShapeDtypeStruct((r, heads * p), jnp.float8_e4m3fn),
+              "kernel_scale": jax.ShapeDtypeStruct((r // 128, heads * p // 128), jnp.float32)}
+    q = jax.ShapeDtypeStruct((8, 1, heads, 128), jnp.bfloat16)
+
+    def old(prm, q):
+        w = dequant_blocks(prm["kernel"], prm["kernel_scale"], block).astype(jnp.bfloat16).reshape(r, heads, p)
+        return jnp.einsum("bthn,chn->bthc", q, w[..., :128], preferred_element_type=jnp.float32)
+
+    def new(prm, q):
+        return fp8_head_einsum("btan,can->btac", q, prm["kernel"], prm["kernel_scale"], block, heads=heads,
+                               cols=(0, 128))
+
+    before = largest_weight_temp(temporaries(old, params, q, weight_args=(0,)))
+    after = largest_weight_temp(temporaries(new, params, q, weight_args=(0,)))
+    print("kv_b weight-derived temporaries / FP8 bytes: before", before.weight_ratio, before.shape,
+          "after", after.weight_ratio, after.shape)
+    assert before.weight_ratio == 4.0
+    assert after.weight_ratio <= 1 / 6 and after.weight == "['kernel']"

@@ -77,8 +77,8 @@ def test_release_linear_weight_temporaries(dtype):
 def test_decode_step_of_a_release_dim_fp8_model():
     """Decode step (batch 8, 4096 cached slots) of a 2-layer FP8 model with the release's dims
     (one dense layer, one MoE layer with 256 experts), traced from abstract arrays. Every
-    weight-derived temporary is <= 0.25 of the weight it comes from, except MLA's absorbed
-    kv_b, which attention.py dequantises whole through `Linear.weight()`."""
+    weight-derived temporary is <= 0.25 of the weight it comes from, MLA's absorbed kv_b
+    included (dequantised a few heads at a time: fp8_matmul.fp8_head_einsum)."""
     from flax import nnx
 
     from dsv32_jax.config import load_config
@@ -99,13 +99,11 @@ def test_decode_step_of_a_release_dim_fp8_model():
     tok = jax.ShapeDtypeStruct((8,), jnp.int32)
     temps = temporaries(step, state, caches, tok, tok, weight_args=(0,))
     derived = sorted((t for t in temps if t.weight_bytes), key=lambda t: -t.weight_ratio)
-    over = {t.weight for t in derived if t.weight_ratio > 0.25}
-    assert over <= {f"['layers'][{i}]['attn']['kv_b']['kernel']" for i in range(2)}, over
-    rest = [t for t in derived if t.weight not in over]
-    experts = max((t for t in rest if "experts" in t.weight), key=lambda t: t.weight_ratio)
+    kv_b = max((t for t in derived if "kv_b" in t.weight), key=lambda t: t.weight_ratio)
+    experts = max((t for t in derived if "experts" in t.weight), key=lambda t: t.weight_ratio)
     print("largest weight-derived temporary / weight:", derived[0].weight_ratio, derived[0].weight,
-          "| without kv_b:", rest[0].weight_ratio, rest[0].weight, "| routed experts:", experts.weight_ratio)
-    assert rest[0].weight_ratio <= 0.25 and experts.weight_ratio <= 0.25
+          "| kv_b:", kv_b.weight_ratio, kv_b.shape, "| routed experts:", experts.weight_ratio)
+    assert derived[0].weight_ratio <= 0.25 and kv_b.weight_ratio <= 1 / 6
 
 
 def test_collectives_bytes_and_call_multiplicity():
