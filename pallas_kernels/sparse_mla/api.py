@@ -5,7 +5,7 @@ import functools
 
 
 from pallas_kernels.common import platform_backend
-from pallas_kernels.sparse_mla import reference
+from pallas_kernels.sparse_mla import compact, reference
 from pallas_kernels.sparse_mla.vjp import sparse_mla_blockwise, sparse_mla_vjp
 from pallas_kernels.sparse_mla.xla import sparse_mla_rows
 
@@ -36,10 +36,13 @@ def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, impl: str = "auto",
                query_chunk: int = 256, bwd_query_chunk: int | None = None, **kernel_options):
     """Token-level sparse MLA attention (absorbed / MQA form).
 
-    q: [B, T, H, Dk], kv: [B, L, Dk], indices: [B, T, K] int32 (-1 = none)
-    -> float32 [B, T, H, v_dim]
+    q: [B, T, H, Dk], kv: [B, L, Dk] or a compact FP8 cache `compact.CompactKV` (latent
+    [B, L, v_dim] e4m3 + scales + rope; every impl dequantises only the rows it gathers),
+    indices: [B, T, K] int32 (-1 = none) -> float32 [B, T, H, v_dim]
     (logits = softmax_scale * q . kv[idx], softmax over the selected keys,
     value = kv[idx, :v_dim]; a query with no valid index gets zeros).
+    A compact cache is an inference cache: its forward is not wrapped in the custom_vjp
+    (gradients w.r.t. q flow through the "reference" / "xla" forwards, not the kernels).
 
     impl:
       "reference": the plain-jnp reference (gathers only the selected rows,
@@ -65,6 +68,9 @@ def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, impl: str = "auto",
         raise ValueError(f"sparse_mla: unknown impl {impl!r}; expected one of {IMPLS}")
     if variant not in VARIANTS:
         raise ValueError(f"sparse_mla: unknown variant {variant!r}; expected {VARIANTS}")
+    is_compact = isinstance(kv, compact.CompactKV)
+    if is_compact:
+        compact.check(kv, v_dim)
     if impl == "auto":
         backend = platform_backend()
         impl = "reference" if backend is None else "pallas"
@@ -76,6 +82,8 @@ def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, impl: str = "auto",
             raise ValueError(f"sparse_mla: unknown backend {backend!r}; expected {BACKENDS}")
         fwd = functools.partial(sparse_mla_blockwise if backend is None else sparse_mla_rows,
                                 **kernel_options)
+        if is_compact:
+            return fwd(q, kv, indices, softmax_scale=softmax_scale, v_dim=v_dim)[0]
         return sparse_mla_vjp(q, kv, indices, fwd, float(softmax_scale), int(v_dim),
                               bwd_query_chunk)
     if impl == "interpret":
@@ -89,5 +97,7 @@ def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, impl: str = "auto",
     if variant == "auto":
         variant = "decode" if q.shape[1] <= decode_max_t else "prefill"
     fwd = kernel_forward(backend, variant, **kernel_options)
+    if is_compact:
+        return fwd(q, kv, indices, softmax_scale=softmax_scale, v_dim=v_dim)[0]
     return sparse_mla_vjp(q, kv, indices, fwd, float(softmax_scale), int(v_dim),
                           bwd_query_chunk)

@@ -16,6 +16,11 @@ width Dk = 576 is not a power of two, so the key is read as two tiles, the laten
 the logits are the sum of two MMAs. Blocks past the last valid index of a query are
 never visited (`_block_extents`).
 
+A compact FP8 cache (compact.CompactKV) is read the same way: the latent tile as e4m3, its
+scales through the same pointer tensor with column // block (4 distinct addresses per row),
+multiplied in f32 and cast to rope's dtype in registers, and the rope tile; the MMAs are those
+of the dense cache.
+
 Two entry points:
   * `sparse_mla_prefill_gpu`: grid (B*T, H / block_h); one program = one query token
     x `block_h` heads over all of its K indices (the FlashMLA prefill layout: the
@@ -41,6 +46,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.sparse_mla.compact import CompactKV
+
 NEG_INF = float("-inf")
 
 
@@ -65,14 +72,16 @@ def _prep(q, kv, indices, block_k):
     return q.reshape(B * T, H, Dk), idx2, _block_extents(idx2, block_k)
 
 
-def _kernel(q_ref, idx_ref, ext_ref, kv_ref, o_ref, lse_ref, *, seq_len, block_k,
-            v_dim, softmax_scale, num_splits):
+def _kernel(q_ref, idx_ref, ext_ref, *refs, seq_len, block_k, v_dim, softmax_scale, num_splits):
     """One program: query row r (= b*T + t), a tile of heads, one split of its K blocks.
 
     q_ref: [block_h, Dk] (this row's heads), idx_ref: [R, Kp] int32 (HBM),
-    ext_ref: [R] int32 (HBM), kv_ref: [B, L, Dk] (HBM),
-    o_ref: [block_h, v_dim] f32, lse_ref: [block_h] f32.
+    ext_ref: [R] int32 (HBM), refs: the cache in HBM, kv [B, L, Dk], or a compact cache's
+    latent [B, L, v_dim] e4m3, scale [B, L, ns] f32 and rope [B, L, Dk - v_dim];
+    then o_ref: [block_h, v_dim] f32, lse_ref: [block_h] f32.
     """
+    *kv_refs, o_ref, lse_ref = refs
+    compact = len(kv_refs) == 3
     r = pl.program_id(0)
     b = r // seq_len
     block_h, dk = q_ref.shape
@@ -89,8 +98,9 @@ def _kernel(q_ref, idx_ref, ext_ref, kv_ref, o_ref, lse_ref, *, seq_len, block_k
     q_lat = q_ref[:, pl.ds(0, v_dim)]            # [block_h, v_dim]
     q_rope = q_ref[:, pl.ds(v_dim, rope)]        # [block_h, rope]
     dims = (((1,), (1,)), ((), ()))
+    cd = kv_refs[-1].dtype                       # compute dtype: kv's, or the compact rope's
     # f32 caches get IEEE f32 MMAs (Triton's default for f32 would be TF32).
-    prec = lax.Precision.HIGHEST if kv_ref.dtype == jnp.float32 else None
+    prec = lax.Precision.HIGHEST if cd == jnp.float32 else None
     lat_cols = lax.broadcasted_iota(jnp.int32, (1, v_dim), 1)
     rope_cols = v_dim + lax.broadcasted_iota(jnp.int32, (1, rope), 1)
 
@@ -101,10 +111,20 @@ def _kernel(q_ref, idx_ref, ext_ref, kv_ref, o_ref, lse_ref, *, seq_len, block_k
         rows = jnp.where(valid, ids, 0)[:, None]
         # All-array indexers (rows x columns) lower to one pointer tensor in Triton and
         # to a plain gather in interpret mode (which cannot mix arrays with slices).
-        k_lat = plgpu.load(kv_ref.at[b, rows, lat_cols], mask=valid[:, None],
-                           other=0.0)                               # [block_k, v_dim]
-        k_rope = plgpu.load(kv_ref.at[b, rows, rope_cols], mask=valid[:, None],
-                            other=0.0)                              # [block_k, rope]
+        if compact:        # dequantise the gathered rows: e4m3 latent * its block's scale
+            lat_ref, sc_ref, rope_ref = kv_refs
+            blk = v_dim // sc_ref.shape[-1]
+            k8 = plgpu.load(lat_ref.at[b, rows, lat_cols], mask=valid[:, None], other=0.0)
+            sc = plgpu.load(sc_ref.at[b, rows, lat_cols // blk], mask=valid[:, None], other=0.0)
+            k_lat = (k8.astype(jnp.float32) * sc).astype(cd)          # [block_k, v_dim]
+            k_rope = plgpu.load(rope_ref.at[b, rows, rope_cols - v_dim], mask=valid[:, None],
+                                other=0.0)                          # [block_k, rope]
+        else:
+            kv_ref = kv_refs[0]
+            k_lat = plgpu.load(kv_ref.at[b, rows, lat_cols], mask=valid[:, None],
+                               other=0.0)                           # [block_k, v_dim]
+            k_rope = plgpu.load(kv_ref.at[b, rows, rope_cols], mask=valid[:, None],
+                                other=0.0)                          # [block_k, rope]
         logits = (lax.dot_general(q_lat, k_lat, dims, precision=prec,
                                   preferred_element_type=jnp.float32)
                   + lax.dot_general(q_rope, k_rope, dims, precision=prec,
@@ -150,16 +170,17 @@ def _call(q2, idx2, ext, kv, *, seq_len, v_dim, softmax_scale, block_h, block_k,
         lse_spec = pl.BlockSpec((None, None, block_h), lambda r, h, s: (r, s, h))
         out_shape = (jax.ShapeDtypeStruct((R, num_splits, H, v_dim), jnp.float32),
                      jax.ShapeDtypeStruct((R, num_splits, H), jnp.float32))
+    arrays = [kv.latent, kv.scale, kv.rope] if isinstance(kv, CompactKV) else [kv]
     return pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[q_spec, any_spec, any_spec, any_spec],
+        in_specs=[q_spec, any_spec, any_spec] + [any_spec] * len(arrays),
         out_specs=[o_spec, lse_spec],
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sparse_mla_fwd_gpu",
-    )(q2, idx2, ext, kv)
+    )(q2, idx2, ext, *arrays)
 
 
 def _combine_splits(o_part, lse_part):

@@ -4,16 +4,20 @@
     out[b, t, h, :]    = sum_j softmax_j(logits) * kv[b, indices[b, t, j], :v_dim]
 
 Index -1 means "no key": it takes no part in the softmax. A query with no valid
-index gets a zero output.
+index gets a zero output. kv may be a compact FP8 cache (`compact.CompactKV`): its selected rows
+are dequantised after the gather.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.sparse_mla import compact
+
 
 def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, query_chunk=None):
-    """q: [B, T, H, Dk] (Dk = kv_lora_rank + qk_rope_head_dim), kv: [B, L, Dk] latent cache,
+    """q: [B, T, H, Dk] (Dk = kv_lora_rank + qk_rope_head_dim), kv: [B, L, Dk] latent cache
+    (or a compact.CompactKV standing for one),
     indices: [B, T, K] int32 (-1 = none) -> out float32 [B, T, H, v_dim].
 
     Gathers only the selected rows; `query_chunk` bounds the [B, chunk, K, Dk] gather
@@ -29,7 +33,7 @@ def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, query_chunk=None):
         return out.swapaxes(0, 1).reshape(B, T, H, v_dim)
     valid = indices >= 0
     safe = jnp.where(valid, indices, 0)
-    rows = jax.vmap(lambda kv_b, idx_b: kv_b[idx_b])(kv, safe)          # [B, T, K, Dk]
+    rows = compact.gather(kv, safe)                                      # [B, T, K, Dk]
     rows = rows.astype(jnp.float32)
     logits = jnp.einsum("bthd,btkd->bthk", q.astype(jnp.float32), rows,
                         precision=jax.lax.Precision.HIGHEST) * softmax_scale

@@ -35,6 +35,11 @@ Two entry points share the kernel body and differ in blocking:
     query tokens); the DMA pipeline runs across sequence boundaries, so a batch with
     ragged lengths (indices -1 past each length) is processed without bubbles and each
     sequence only pays for its own valid blocks.
+A compact FP8 cache (compact.CompactKV: latent e4m3 [B, L, v_dim], float32 scales, rope) is
+gathered the same way, one DMA per selected row from each of its three arrays, and each block is
+dequantised in VMEM (latent * its scale per lane block, cast to rope's dtype) into a [block_k, Dk]
+buffer before the same two matmuls: 656 bytes per selected row at the release's dims instead
+of 1152.
 Both lower for TPU from any host; they run (and are tested) under the Pallas
 interpreters. Not verified on TPU hardware: the final Mosaic compile and the speed of
 one [1, Dk] DMA per selected row (1152 bytes at bf16; a cache laid out as
@@ -50,24 +55,35 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.sparse_mla.compact import CompactKV
+
 NEG_INF = float("-inf")
 
 
-def _kernel(ext_ref, idx_v_ref, q_ref, idx_hbm, kv_hbm, o_ref, lse_ref,
-            idx_smem, isem, buf, sem, m_scr, l_scr, acc_scr, *, seq_len, num_seqs, block_k,
-            v_dim, softmax_scale):
+def _kernel(ext_ref, idx_v_ref, q_ref, idx_hbm, *refs, n_kv, seq_len, num_seqs, block_k, v_dim,
+            softmax_scale):
     """One grid step: `rb` query rows.
 
     ext_ref [Rp] int32 (scalar prefetch, SMEM): blocks to visit per row (>= 1).
     idx_v_ref [rb, 1, Kp] int32 (VMEM block): the rows' indices, for the validity mask.
-    q_ref [rb, H, Dk]; idx_hbm [Rp, Kp] int32 and kv_hbm [B, L, Dk] stay in HBM.
+    q_ref [rb, H, Dk]; idx_hbm [Rp, Kp] int32 and the n_kv cache arrays stay in HBM: kv
+    [B, L, Dk] (n_kv = 1), or a compact cache's latent [B, L, v_dim] e4m3, scale [B, L, ns] f32
+    and rope [B, L, Dk - v_dim] (n_kv = 3).
     o_ref [rb, H, v_dim] f32, lse_ref [rb, 1, H] f32.
     Scratch: idx_smem [2, Kp] int32 (SMEM, one row's indices, double-buffered by row),
-    isem DMA[2], buf [2, block_k, Dk] kv dtype, sem DMA[2], m_scr / l_scr [H, 1] f32,
-    acc_scr [H, v_dim] f32.
+    isem DMA[2], per cache array a buffer [2, block_k, width] and DMA[2]; compact only: kbuf
+    [block_k, Dk] (the block's dequantised rows); m_scr / l_scr [H, 1] f32, acc_scr [H, v_dim] f32.
     """
+    kv_hbm = refs[:n_kv]
+    o_ref, lse_ref, idx_smem, isem = refs[n_kv:n_kv + 4]
+    bufs = refs[n_kv + 4:2 * n_kv + 4]
+    sems = refs[2 * n_kv + 4:3 * n_kv + 4]
+    rest = refs[3 * n_kv + 4:]
+    kbuf = rest[0] if n_kv == 3 else None
+    m_scr, l_scr, acc_scr = rest[-3:]
     rb = q_ref.shape[0]
-    prec = lax.Precision.HIGHEST if buf.dtype == jnp.float32 else None   # f32: exact passes
+    cd = bufs[0].dtype if kbuf is None else kbuf.dtype
+    prec = lax.Precision.HIGHEST if cd == jnp.float32 else None          # f32: exact passes
     row0 = pl.program_id(0) * rb
 
     def idx_copy(i):
@@ -76,27 +92,44 @@ def _kernel(ext_ref, idx_v_ref, q_ref, idx_hbm, kv_hbm, o_ref, lse_ref,
                                      isem.at[lax.rem(i, 2)])
 
     def fetch(i, j, slot):
-        """Starts the block_k row copies of block j of local row i into buf[slot]."""
+        """Starts the block_k row copies (one per cache array) of block j of local row i into
+        the buffers' slot."""
         b = jnp.minimum(lax.div(row0 + i, seq_len), num_seqs - 1)   # padded rows -> last seq
         base = j * block_k
         islot = lax.rem(i, 2)
 
         def one(t, c):
             row = jnp.maximum(idx_smem[islot, base + t], 0)       # -1 -> row 0, masked
-            pltpu.make_async_copy(kv_hbm.at[b, pl.ds(row, 1)], buf.at[slot, pl.ds(t, 1)],
-                                  sem.at[slot]).start()
+            for hbm, buf, sem in zip(kv_hbm, bufs, sems):
+                pltpu.make_async_copy(hbm.at[b, pl.ds(row, 1)], buf.at[slot, pl.ds(t, 1)],
+                                      sem.at[slot]).start()
             return c
 
         lax.fori_loop(0, block_k, one, 0, unroll=8)
 
     def wait_block(slot):
-        """Waits for the block_k row copies into buf[slot] (same-sized descriptors)."""
+        """Waits for the block_k row copies into the buffers' slot (same-sized descriptors)."""
         def one(t, c):
-            pltpu.make_async_copy(kv_hbm.at[0, pl.ds(0, 1)], buf.at[slot, pl.ds(t, 1)],
-                                  sem.at[slot]).wait()
+            for hbm, buf, sem in zip(kv_hbm, bufs, sems):
+                pltpu.make_async_copy(hbm.at[0, pl.ds(0, 1)], buf.at[slot, pl.ds(t, 1)],
+                                      sem.at[slot]).wait()
             return c
 
         lax.fori_loop(0, block_k, one, 0, unroll=8)
+
+    def keys(slot):
+        """(keys [block_k, Dk], values [block_k, v_dim]) of the block in buffer slot `slot`:
+        a compact block is dequantised into kbuf, one scale block (lane slice) at a time."""
+        if kbuf is None:
+            return bufs[0][slot], bufs[0][slot, :, pl.ds(0, v_dim)]
+        lat, sc, rope = bufs
+        ns = sc.shape[-1]
+        blk = v_dim // ns
+        for g in range(ns):
+            part = lat[slot, :, pl.ds(g * blk, blk)].astype(jnp.float32) * sc[slot, :, pl.ds(g, 1)]
+            kbuf[:, pl.ds(g * blk, blk)] = part.astype(cd)
+        kbuf[:, pl.ds(v_dim, rope.shape[-1])] = rope[slot]
+        return kbuf[...], kbuf[:, pl.ds(0, v_dim)]
 
     idx_copy(0).start()                                  # prologue
     idx_copy(0).wait()
@@ -129,7 +162,7 @@ def _kernel(ext_ref, idx_v_ref, q_ref, idx_hbm, kv_hbm, o_ref, lse_ref,
             wait_block(slot)
             start = pl.multiple_of(j * block_k, block_k)
             valid = idx_v_ref[i, :, pl.ds(start, block_k)] >= 0          # [1, block_k]
-            k_blk = buf[slot]                                            # [block_k, Dk]
+            k_blk, v_blk = keys(slot)                                    # [block_k, Dk / v_dim]
             s = lax.dot_general(q, k_blk, (((1,), (1,)), ((), ())), precision=prec,
                                 preferred_element_type=jnp.float32)      # [H, block_k]
             s = jnp.where(valid, s * softmax_scale, NEG_INF)
@@ -139,7 +172,6 @@ def _kernel(ext_ref, idx_v_ref, q_ref, idx_hbm, kv_hbm, o_ref, lse_ref,
             alpha = jnp.exp(m_prev - m_safe)
             p = jnp.exp(s - m_safe)
             l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-            v_blk = buf[slot, :, pl.ds(0, v_dim)]                        # [block_k, v_dim]
             pv = lax.dot_general(p.astype(v_blk.dtype), v_blk, (((1,), (0,)), ((), ())),
                                  precision=prec, preferred_element_type=jnp.float32)
             acc_scr[...] = alpha * acc_scr[...] + pv
@@ -159,7 +191,8 @@ def _kernel(ext_ref, idx_v_ref, q_ref, idx_hbm, kv_hbm, o_ref, lse_ref,
 
 
 def _run(q, kv, indices, *, softmax_scale, v_dim, rows_per_step, block_k, interpret):
-    """Shared driver. Returns (out f32 [B, T, H, v_dim], lse f32 [B, T, H])."""
+    """Shared driver; kv [B, L, Dk] or a compact.CompactKV. Returns (out f32 [B, T, H, v_dim],
+    lse f32 [B, T, H])."""
     B, T, H, Dk = q.shape
     K = indices.shape[-1]
     R = B * T
@@ -174,17 +207,19 @@ def _run(q, kv, indices, *, softmax_scale, v_dim, rows_per_step, block_k, interp
     pos = jnp.arange(1, Kp + 1, dtype=jnp.int32)
     last = jnp.max(jnp.where(idx2 >= 0, pos[None, :], 0), axis=1)
     ext = jnp.maximum((last + block_k - 1) // block_k, 1)                  # [Rp]
-    kernel = functools.partial(_kernel, seq_len=T, num_seqs=B, block_k=block_k, v_dim=v_dim,
+    arrays = [kv.latent, kv.scale, kv.rope] if isinstance(kv, CompactKV) else [kv]
+    n_kv = len(arrays)
+    kernel = functools.partial(_kernel, n_kv=n_kv, seq_len=T, num_seqs=B, block_k=block_k, v_dim=v_dim,
                                softmax_scale=float(softmax_scale))
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(Rp // rb,),
         in_specs=[
             pl.BlockSpec((rb, 1, Kp), lambda s, ext: (s, 0, 0)),
             pl.BlockSpec((rb, H, Dk), lambda s, ext: (s, 0, 0)),
-            pl.BlockSpec(memory_space=pl.ANY),
-            pl.BlockSpec(memory_space=pl.ANY),
-        ],
+            any_spec,
+        ] + [any_spec] * n_kv,
         out_specs=[
             pl.BlockSpec((rb, H, v_dim), lambda s, ext: (s, 0, 0)),
             pl.BlockSpec((rb, 1, H), lambda s, ext: (s, 0, 0)),
@@ -192,19 +227,21 @@ def _run(q, kv, indices, *, softmax_scale, v_dim, rows_per_step, block_k, interp
         scratch_shapes=[
             pltpu.SMEM((2, Kp), jnp.int32),
             pltpu.SemaphoreType.DMA((2,)),
-            pltpu.VMEM((2, block_k, Dk), kv.dtype),
-            pltpu.SemaphoreType.DMA((2,)),
+        ] + [pltpu.VMEM((2, block_k, a.shape[-1]), a.dtype) for a in arrays]
+          + [pltpu.SemaphoreType.DMA((2,)) for _ in arrays]
+          + ([pltpu.VMEM((block_k, Dk), kv.dtype)] if n_kv > 1 else [])
+          + [
             pltpu.VMEM((H, 1), jnp.float32),
             pltpu.VMEM((H, 1), jnp.float32),
             pltpu.VMEM((H, v_dim), jnp.float32),
         ],
     )
-    itemsize = jnp.dtype(kv.dtype).itemsize
+    row_bytes = sum(a.shape[-1] * jnp.dtype(a.dtype).itemsize for a in arrays)
     n_rows_gathered = R * Kp
     cost = pl.CostEstimate(
         flops=2 * R * H * Kp * (Dk + v_dim),
         transcendentals=R * H * Kp,
-        bytes_accessed=(n_rows_gathered * Dk * itemsize + q.size * q.dtype.itemsize
+        bytes_accessed=(n_rows_gathered * row_bytes + q.size * q.dtype.itemsize
                         + R * H * (v_dim + 1) * 4 + idx2.size * 8),
     )
     out, lse = pl.pallas_call(
@@ -216,7 +253,7 @@ def _run(q, kv, indices, *, softmax_scale, v_dim, rows_per_step, block_k, interp
         cost_estimate=cost,
         interpret=interpret,
         name="sparse_mla_fwd_tpu",
-    )(ext, idx2.reshape(Rp, 1, Kp), q2, idx2, kv)
+    )(ext, idx2.reshape(Rp, 1, Kp), q2, idx2, *arrays)
     return out[:R].reshape(B, T, H, v_dim), lse[:R, 0].reshape(B, T, H)
 
 

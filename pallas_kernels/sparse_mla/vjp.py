@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.sparse_mla import compact
+
 _HI = lax.Precision.HIGHEST
 
 
@@ -89,7 +91,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, softmax_scale, v_dim,
 def sparse_mla_blockwise(q, kv, indices, *, softmax_scale, v_dim, rows_per_step=1):
     """jnp forward, `rows_per_step` query rows per lax.map step.
 
-    q [B, T, H, Dk], kv [B, L, Dk], indices [B, T, K] int32 (-1 = none)
+    q [B, T, H, Dk], kv [B, L, Dk] or a compact.CompactKV, indices [B, T, K] int32 (-1 = none)
     -> (out f32 [B, T, H, v_dim], lse f32 [B, T, H]; -inf / zeros for empty rows).
     """
     B, T, H, Dk = q.shape
@@ -102,12 +104,12 @@ def sparse_mla_blockwise(q, kv, indices, *, softmax_scale, v_dim, rows_per_step=
                  constant_values=-1)
     b2 = jnp.minimum(jnp.arange(Rp, dtype=jnp.int32) // T, B - 1)
     L = kv.shape[1]
-    kv_flat = kv.reshape(B * L, Dk)           # one-index gather: b * L + index
 
     def step(x):
         qc, ic, bc = x                    # [r, H, Dk], [r, K], [r]
         valid = ic >= 0
-        rows = kv_flat[bc[:, None] * L + jnp.where(valid, ic, 0)].astype(jnp.float32)
+        # one-index gather from the cache flattened to [B * L, Dk]: b * L + index
+        rows = compact.take_flat(kv, bc[:, None] * L + jnp.where(valid, ic, 0)).astype(jnp.float32)
         s = lax.dot_general(qc.astype(jnp.float32), rows, (((2,), (2,)), ((0,), (0,))),
                             precision=_HI) * softmax_scale                    # [r, H, K]
         s = jnp.where(valid[:, None, :], s, -jnp.inf)

@@ -8,13 +8,16 @@ matmuls), every step here handles all B rows of a chunk of queries at once as ba
 with operands in the cache dtype and float32 accumulation, as the official code and FlashMLA
 compute: logits = q . kv[idx] (bf16 x bf16 -> f32), softmax in f32, then p cast to the cache
 dtype for the value product (f32 accumulation). With a float32 cache the products run at the
-backend's default float32 matmul precision.
+backend's default float32 matmul precision. A compact FP8 cache (compact.CompactKV) is read the
+same way: its gathered rows are dequantised to the compute dtype (rope's dtype).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pallas_kernels.sparse_mla import compact
 
 # bytes of gathered rows [B, chunk, K, Dk] per step; the query chunk is sized to fit
 GATHER_BUDGET = 256 << 20
@@ -36,7 +39,7 @@ def sparse_mla_rows(q, kv, indices, *, softmax_scale, v_dim, query_chunk=None):
 
     def chunk(qc, ic):                 # [B, tc, H, Dk], [B, tc, K]
         valid = ic >= 0
-        rows = jax.vmap(lambda kv_b, i_b: kv_b[i_b])(kv, jnp.where(valid, ic, 0))   # [B, tc, K, Dk]
+        rows = compact.gather(kv, jnp.where(valid, ic, 0))                   # [B, tc, K, Dk]
         s = jnp.einsum("bthd,btkd->bthk", qc.astype(cd), rows,
                        preferred_element_type=jnp.float32) * softmax_scale
         s = jnp.where(valid[:, :, None, :], s, -jnp.inf)
