@@ -35,10 +35,11 @@ from dsv32_jax.config import ModelConfig
 from dsv32_jax.fp8_matmul import fp8_head_einsum
 from dsv32_jax.indexer import Indexer
 from dsv32_jax.layers import Linear, RMSNorm, rope_interleaved
-from dsv32_jax.numerics import fp8_round_trip
+from dsv32_jax.numerics import act_quant, fp8_round_trip
 from dsv32_jax.kernel_sharding import sharded_indexer_topk, sharded_sparse_mla
 from dsv32_jax.sharding import spec_for
 from pallas_kernels.common import platform_backend
+from pallas_kernels.sparse_mla import CompactKV
 
 # attention_impl -> (indexer_topk impl, sparse_mla impl); "auto" is resolved by resolve_attention
 ATTENTION_IMPLS = {"auto": None, "xla": ("xla", "xla"), "pallas": ("pallas", "pallas"),
@@ -54,25 +55,49 @@ XLA_QUERY_CHUNK = 256
 class LayerCache:
     """Static per-layer cache, preallocated to S slots.
 
-    latent: [B, S, kv_lora_rank + qk_rope_head_dim] (normalised latent | rotated rope key)
+    Dense (kv_cache="dense"):
+      latent: [B, S, kv_lora_rank + qk_rope_head_dim] (normalised latent | rotated rope key)
+    Compact (kv_cache="fp8", FlashMLA's FP8 layout: 656 B per token at the release's dims):
+      latent: [B, S, kv_lora_rank] float8_e4m3fn (the normalised latent, quantised as the
+        official FP8 KV-cache simulation does: per-128 ue8m0 scales, numerics.act_quant),
+      latent_scale: [B, S, kv_lora_rank // 128] float32, rope: [B, S, qk_rope_head_dim].
     index_k: [B, S, index_head_dim] (compute dtype, or float8_e4m3fn in reference numerics)
     index_k_scale: [B, S] float32, or None when keys are not quantised.
+    latent_scale / rope: None in a dense cache.
     """
     latent: jax.Array
     index_k: jax.Array
     index_k_scale: jax.Array | None
+    latent_scale: jax.Array | None = None
+    rope: jax.Array | None = None
+
+    @property
+    def keys(self):
+        """What the sparse MLA attends to: the dense latent, or a CompactKV of the three arrays."""
+        if self.latent_scale is None:
+            return self.latent
+        return CompactKV(self.latent, self.latent_scale, self.rope)
 
     def write(self, positions, latent, index_k, index_k_scale):
-        """Store entries of tokens at absolute `positions` [B, T] (slot = position).
+        """Store entries of tokens at absolute `positions` [B, T] (slot = position): latent
+        [B, T, Dk] for a dense cache, a CompactKV of [B, T, ...] rows for a compact one.
 
         Each row scatters into its own sequence (a scatter batched over B), so a batch split
         over devices is written without any collective."""
+        rows = LayerCache(latent, index_k, index_k_scale)
+        if isinstance(latent, CompactKV):
+            rows = LayerCache(latent.latent, index_k, index_k_scale, latent.scale, latent.rope)
+        if self.index_k_scale is None:
+            rows.index_k_scale = None
         with jax.named_scope("cache_write"):
-            new = LayerCache(_scatter_rows(self.latent, positions, latent),
-                             _scatter_rows(self.index_k, positions, index_k), None)
-            if self.index_k_scale is not None:
-                new.index_k_scale = _scatter_rows(self.index_k_scale, positions, index_k_scale)
-        return new
+            return jax.tree.map(lambda c, r: _scatter_rows(c, positions, r), self, rows)
+
+
+def latent_block(cfg: ModelConfig) -> int:
+    """Latent values per FP8 scale of the KV-latent quantisation (128; the whole latent when
+    kv_lora_rank is not a multiple of 128, as in tiny test models)."""
+    r = cfg.kv_lora_rank
+    return 128 if r % 128 == 0 else r
 
 
 def resolve_attention(attention_impl: str, kernel_backend: str | None = None):
@@ -129,14 +154,20 @@ class MLA(nnx.Module):
         self.o = Linear(h * cfg.v_head_dim, cfg.hidden_size, axes=("heads", "embed"), **lin)
         self.indexer = Indexer(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8_block)
 
-    def latent(self, x, cos, sin, numerics):
-        """x [B, T, D] -> cache entries [B, T, kv_lora_rank + rope]."""
+    def latent(self, x, cos, sin, numerics, compact: bool = False):
+        """x [B, T, D] -> cache entries [B, T, kv_lora_rank + rope]; compact=True: the same
+        entries as a CompactKV (e4m3 latent [B, T, kv_lora_rank] + float32 scales + rope),
+        from the very quantisation whose round trip the reference numerics apply."""
         r = self.cfg.kv_lora_rank
         kv = self.kv_a(x)
         c = self.kv_norm(kv[..., :r])
+        k_pe = rope_interleaved(kv[..., r:], cos, sin)
+        if compact:
+            q8, scale = act_quant(c, latent_block(self.cfg))
+            return CompactKV(q8, scale, k_pe)
         if numerics == "reference":       # the release's FP8 KV-cache simulation (128-blocks)
-            c = fp8_round_trip(c, block=128 if r % 128 == 0 else r)
-        return jnp.concatenate([c, rope_interleaved(kv[..., r:], cos, sin)], axis=-1)
+            c = fp8_round_trip(c, block=latent_block(self.cfg))
+        return jnp.concatenate([c, k_pe], axis=-1)
 
     def __call__(self, x, positions, cos, sin, *, numerics="exact", attention_impl="auto",
                  cache: LayerCache | None = None, kv_lengths=None, q_starts=None):
@@ -192,7 +223,7 @@ class MLA(nnx.Module):
         h, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
         q_full, qr, _ = self.absorbed_queries(x, cos, sin)                    # [B, T, H, 576]
 
-        latent = self.latent(x, cos, sin, numerics)
+        latent = self.latent(x, cos, sin, numerics, compact=cache is not None and cache.latent_scale is not None)
         ik, iks = self.indexer.keys(x, cos, sin, numerics)
         iq, iw = self.indexer.queries(x, qr, cos, sin, numerics)
         if cache is None:
@@ -200,7 +231,7 @@ class MLA(nnx.Module):
             q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         else:
             cache = cache.write(positions, latent, ik, iks)
-            keys, index_k, index_k_scale = cache.latent, cache.index_k, cache.index_k_scale
+            keys, index_k, index_k_scale = cache.keys, cache.index_k, cache.index_k_scale
             q_positions = positions.astype(jnp.int32)
 
         index_impl, attn_impl, backend = resolve_attention(attention_impl, self.kernel_backend)

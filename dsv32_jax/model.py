@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from dsv32_jax.attention import ATTENTION_IMPLS, KERNEL_BACKENDS, MLA, LayerCache
+from dsv32_jax.attention import ATTENTION_IMPLS, KERNEL_BACKENDS, MLA, LayerCache, latent_block
 from dsv32_jax.config import ModelConfig
 from dsv32_jax.indexer import NUMERICS
 from dsv32_jax.layers import Embed, Linear, RMSNorm, rope_cos_sin
@@ -25,7 +25,10 @@ from dsv32_jax.sharding import constrain_batch, spec_for
 # as the activations are (RULES["batch"]); the cached sequence and the 576-d entries (shared by
 # all heads: MQA form) are never split.
 CACHE_AXES = LayerCache(latent=("batch", "cache_seq", None), index_k=("batch", "cache_seq", None),
-                        index_k_scale=("batch", "cache_seq"))
+                        index_k_scale=("batch", "cache_seq"), latent_scale=("batch", "cache_seq", None),
+                        rope=("batch", "cache_seq", None))
+# kv_cache: how the MLA latent cache is stored (see LayerCache)
+KV_CACHES = ("dense", "fp8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,11 @@ class RuntimeOptions:
         when the mesh has expert > 1.
     kernel_backend: "tpu" | "gpu" | None (the platform jax runs on): whose kernels "pallas" /
         "auto" use and which XLA shapes "xla" uses; set it to lower for another platform.
+    kv_cache: "dense" (default: latent + rope key in `dtype`, 1152 B per token per layer in
+        bf16 at the release's dims) or "fp8" (the compact cache of FlashMLA's FP8 layout: e4m3
+        latent + one float32 scale per 128 + rope in `dtype`, 656 B), which holds exactly the
+        values of the reference numerics' FP8 KV-latent round trip, so it needs
+        numerics="reference" and gives the same results as "dense".
     """
     dtype: jnp.dtype = jnp.bfloat16
     numerics: str = "reference"
@@ -53,6 +61,7 @@ class RuntimeOptions:
     mtp: bool = False
     mesh: object = None
     kernel_backend: str | None = None
+    kv_cache: str = "dense"
 
     def __post_init__(self):
         if self.numerics not in NUMERICS:
@@ -60,6 +69,11 @@ class RuntimeOptions:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {tuple(ATTENTION_IMPLS)}, "
                              f"got {self.attention_impl!r}")
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
+        if self.kv_cache == "fp8" and self.numerics != "reference":
+            raise ValueError("kv_cache='fp8' stores the FP8-rounded latent of numerics='reference' "
+                             f"(got numerics={self.numerics!r}); use kv_cache='dense' with exact numerics")
         if self.kernel_backend is not None and self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS} or None, "
                              f"got {self.kernel_backend!r}")
@@ -190,6 +204,11 @@ class Transformer(nnx.Module):
         one = LayerCache(sds((batch, max_len, cfg.kv_dim), o.dtype),
                          sds((batch, max_len, cfg.index_head_dim), jnp.float8_e4m3fn if ref else o.dtype),
                          sds((batch, max_len), jnp.float32) if ref else None)
+        if o.kv_cache == "fp8":
+            r = cfg.kv_lora_rank
+            one = dataclasses.replace(one, latent=sds((batch, max_len, r), jnp.float8_e4m3fn),
+                                      latent_scale=sds((batch, max_len, r // latent_block(cfg)), jnp.float32),
+                                      rope=sds((batch, max_len, cfg.qk_rope_head_dim), o.dtype))
         return [one] * cfg.num_hidden_layers
 
     def cache_shardings(self, batch: int, max_len: int) -> list[LayerCache] | None:
@@ -200,8 +219,8 @@ class Transformer(nnx.Module):
         def one(s, axes):
             return None if s is None else NamedSharding(mesh, spec_for(axes, s.shape, mesh))
 
-        return [LayerCache(*(one(getattr(c, f), getattr(CACHE_AXES, f))
-                             for f in ("latent", "index_k", "index_k_scale")))
+        return [LayerCache(**{f.name: one(getattr(c, f.name), getattr(CACHE_AXES, f.name))
+                              for f in dataclasses.fields(LayerCache)})
                 for c in self.cache_shapes(batch, max_len)]
 
     def cache_creator(self, batch: int, max_len: int):
