@@ -12,13 +12,15 @@ decode step costs >= 20 ms on a 2-core CPU) serves mixed requests: prompts of --
     prefix cache over the same request cold; target >= 10x faster.
 (c) "prefill_stall": p99 inter-token latency of running streams while a --long-prompt prompt
     is prefilled chunk by chunk between decode blocks, over their median without it; target <= 3x.
-(e) "kv_bytes": cache bytes per token per layer (latent + rope, and indexer key + scale).
+(e) "kv_bytes": cache bytes per token per layer (latent + rope, and indexer key + scale), measured
+    on the served model's cache shapes: 1152 + 132 dense, 656 + 132 = 788 with --kv-cache fp8.
 
     python benchmarks/engine.py [--requests 24] [--rate 4] [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
@@ -32,10 +34,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dsv32_jax.config import ModelConfig  # noqa: E402
+from dsv32_jax.config import ModelConfig, load_config  # noqa: E402
 from dsv32_jax.generate.engine import Engine  # noqa: E402
 from dsv32_jax.generate.sampling import SamplingParams  # noqa: E402
 from dsv32_jax.model import RuntimeOptions, Transformer  # noqa: E402
+from dsv32_jax.plan import cache_bytes_per_token_per_layer  # noqa: E402
 from dsv32_jax.serve import Request, ServingEngine  # noqa: E402
 
 MODEL = ModelConfig(
@@ -47,8 +50,9 @@ MODEL = ModelConfig(
     fp8_block_size=None)
 
 
-def _model(cfg):
-    return Transformer(cfg, RuntimeOptions(dtype=jnp.bfloat16, numerics="reference"), rngs=nnx.Rngs(0))
+def _model(cfg, kv_cache="dense"):
+    return Transformer(cfg, RuntimeOptions(dtype=jnp.bfloat16, numerics="reference", kv_cache=kv_cache),
+                       rngs=nnx.Rngs(0))
 
 
 def _workload(rs, n, args):
@@ -167,10 +171,23 @@ def bench_stall(module, args):
             "p99_over_median": round(float(np.percentile(loaded, 99) / np.median(base)), 2)}
 
 
-def kv_bytes(cfg):
-    lat = cfg.kv_dim * 2                       # bf16 latent + rope key
-    idx = cfg.index_head_dim + 4               # e4m3 indexer key + f32 scale
-    return {"latent_rope": lat, "indexer": idx, "total": lat + idx}
+def kv_bytes(module):
+    """Bytes per token per layer of the module's decode caches, measured on its cache shapes
+    (dense: bf16 latent + rope key; fp8: e4m3 latent + f32 scales + bf16 rope key), with the
+    indexer key + scale, and the planner's formula beside them."""
+    one = module.cache_shapes(1, 1)[0]
+    nb = {f.name: int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+          for f in dataclasses.fields(one) if (x := getattr(one, f.name)) is not None}
+    lat = nb["latent"] + nb.get("latent_scale", 0) + nb.get("rope", 0)
+    idx = nb["index_k"] + nb.get("index_k_scale", 0)
+    o = module.options
+    release = load_config(Path(__file__).resolve().parents[1] / "configs" / "deepseek-v3.2-exp.json")
+    return {"kv_cache": o.kv_cache, "latent_rope": lat, "indexer": idx, "total": lat + idx,
+            "planner_total": cache_bytes_per_token_per_layer(module.cfg, dtype=o.dtype, numerics=o.numerics,
+                                                             kv_cache=o.kv_cache)["total"],
+            # the release's dims (this benchmark's model has a 64-d indexer key: 68 B instead of 132)
+            "release": cache_bytes_per_token_per_layer(release, dtype=o.dtype, numerics=o.numerics,
+                                                       kv_cache=o.kv_cache)}
 
 
 def main():
@@ -188,11 +205,14 @@ def main():
     ap.add_argument("--stall-tokens", type=int, default=48)
     ap.add_argument("--only", default="throughput,prefix,stall")
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not the targets)")
+    ap.add_argument("--kv-cache", choices=("dense", "fp8"), default="dense",
+                    help="the MLA latent cache of the served model: dense (bf16 latent + rope key) or fp8 (the "
+                         "compact FP8 cache: e4m3 latent + float32 scales + bf16 rope key)")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.prompt_max, args.out_max, args.cached_prompt, args.long_prompt = 6, 256, 32, 512, 1024
         args.stall_tokens = 16
-    module = _model(MODEL)
+    module = _model(MODEL, args.kv_cache)
     out = {"model": {"layers": MODEL.num_hidden_layers, "hidden": MODEL.hidden_size, "experts": MODEL.n_routed_experts,
                      "index_topk": MODEL.index_topk, "dtype": "bfloat16"},
            "backend": jax.default_backend(), "threads": threading.active_count()}
@@ -203,7 +223,7 @@ def main():
         out["prefix_ttft"] = bench_prefix(module, args)
     if "stall" in only:
         out["prefill_stall"] = bench_stall(module, args)
-    out["kv_bytes"] = kv_bytes(MODEL)
+    out["kv_bytes"] = kv_bytes(module)
     print(json.dumps(out, indent=2))
 
 

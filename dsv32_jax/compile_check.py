@@ -93,7 +93,7 @@ def trace_prefill(engine, batch: int, max_len: int, chunk: int):
 
 def check(cfg: ModelConfig, mesh_spec, *, platform: str, batch: int, max_len: int, chunk: int,
           dtype=jnp.bfloat16, numerics: str = "reference", fp8_weights: bool = True,
-          attention_impl: str | None = None, compile: bool = False, block: int = 16) -> dict:
+          attention_impl: str | None = None, compile: bool = False, block: int = 16, kv_cache: str = "dense") -> dict:
     """Lower (and for platform "cpu" optionally compile) the decode block and a prefill chunk.
 
     Returns {"decode": {...}, "prefill": {...}} with lowering (and compile) seconds, the
@@ -109,7 +109,7 @@ def check(cfg: ModelConfig, mesh_spec, *, platform: str, batch: int, max_len: in
         attention_impl = "xla" if platform == "cpu" else "pallas"
     backend = None if platform == "cpu" else ("gpu" if platform == "cuda" else "tpu")
     options = RuntimeOptions(dtype=jnp.dtype(dtype), numerics=numerics, attention_impl=attention_impl,
-                             fp8_weights=fp8_weights, mesh=mesh, kernel_backend=backend)
+                             fp8_weights=fp8_weights, mesh=mesh, kernel_backend=backend, kv_cache=kv_cache)
     engine = abstract_engine(cfg, options, prefill_chunk=max(16, 1 << (chunk - 1).bit_length()), block=block,
                              exchange="padded" if platform == "cpu" else "ragged")
     out = {}

@@ -245,14 +245,15 @@ def restore_state(path, options, shardings=None, cfg=None, progress=None):
 
 
 def load_converted(path, *, dtype=jnp.bfloat16, attention_impl: str = "xla", numerics: str = "reference",
-                   mtp: bool = False, fp8_weights: bool | None = None, mesh=None, shardings=None, progress=None):
+                   mtp: bool = False, fp8_weights: bool | None = None, mesh=None, shardings=None, progress=None,
+                   kv_cache: str = "dense"):
     """Build a Transformer from a converted directory.
 
     fp8_weights: None (default) loads the weights as stored: a "float8" checkpoint with
     fp8_weights=True (e4m3 kernels + scales), a "bfloat16" one dequantised. False on a "float8"
     checkpoint dequantises on load (kernels in `dtype`); True on a "bfloat16" one is an error
     (its weights are already dequantised). dtype is the compute dtype the kernels are cast to
-    on read. mesh / shardings / progress: see `restore_state`.
+    on read. mesh / shardings / progress: see `restore_state`. kv_cache: see RuntimeOptions.
     """
     from dsv32_jax.model import RuntimeOptions
 
@@ -267,6 +268,7 @@ def load_converted(path, *, dtype=jnp.bfloat16, attention_impl: str = "xla", num
                               "(convert with --keep-mtp)")
     kw = {} if mesh is None else {"mesh": mesh}
     options = RuntimeOptions(dtype=jnp.dtype(dtype), numerics=numerics, attention_impl=attention_impl,
-                             fp8_weights=is_f8 if fp8_weights is None else bool(fp8_weights), mtp=mtp, **kw)
+                             fp8_weights=is_f8 if fp8_weights is None else bool(fp8_weights), mtp=mtp,
+                             kv_cache=kv_cache, **kw)
     graphdef, state = restore_state(path, options, shardings, progress=progress)
     return nnx.merge(graphdef, state)

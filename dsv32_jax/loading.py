@@ -119,7 +119,8 @@ def load_hf(path, options: RuntimeOptions, cfg: ModelConfig | None = None, progr
 
 
 def load(path, dtype=jnp.bfloat16, attention_impl: str = "auto", *, numerics: str = "reference",
-         mtp: bool = False, fp8_weights: bool | None = None, mesh=None, progress=None) -> Model:
+         mtp: bool = False, fp8_weights: bool | None = None, mesh=None, progress=None,
+         kv_cache: str = "dense") -> Model:
     """Load a checkpoint directory (Hugging Face layout) into a ready-to-call model.
 
     dtype: parameter/activation dtype (float32 for exact comparisons, bfloat16 for speed).
@@ -134,6 +135,8 @@ def load(path, dtype=jnp.bfloat16, attention_impl: str = "auto", *, numerics: st
         parameter is placed straight into its shards by the logical-axis rules.
     progress: called as progress(name, done, total) while loading (parameters of a Hugging
         Face directory, items of a converted one).
+    kv_cache: "dense" (default) or "fp8", the compact FP8 latent cache (needs numerics
+        "reference"; see RuntimeOptions).
     path may be relative.
     """
     path = abspath(path)
@@ -142,7 +145,8 @@ def load(path, dtype=jnp.bfloat16, attention_impl: str = "auto", *, numerics: st
 
     if converted.is_converted(path):   # written by `python -m convert weights` (float8 => fp8_weights)
         return Model(converted.load_converted(path, dtype=dtype, attention_impl=attention_impl, numerics=numerics,
-                                              mtp=mtp, fp8_weights=fp8_weights, mesh=mesh, progress=progress))
+                                              mtp=mtp, fp8_weights=fp8_weights, mesh=mesh, progress=progress,
+                                              kv_cache=kv_cache))
     options = RuntimeOptions(dtype=jnp.dtype(dtype), numerics=numerics, attention_impl=attention_impl,
-                             fp8_weights=bool(fp8_weights), mtp=mtp, mesh=mesh)
+                             fp8_weights=bool(fp8_weights), mtp=mtp, mesh=mesh, kv_cache=kv_cache)
     return Model(load_hf(path, options, progress=progress))

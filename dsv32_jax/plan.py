@@ -2,8 +2,9 @@
 
 Parameters come from the abstract model (`nnx.eval_shape`), each divided by the number of
 shards the logical-axis rules give it on the mesh; caches are the static decode caches
-(normalised latent + rope key in the compute dtype, indexer key as e4m3 + one float32 scale in
-`reference` numerics or in the compute dtype in `exact`), split over the batch axes.
+(normalised latent + rope key in the compute dtype, or with --kv-cache fp8 the compact FP8 latent
+cache: e4m3 latent + one float32 scale per 128 + rope key; indexer key as e4m3 + one float32
+scale in `reference` numerics or in the compute dtype in `exact`), split over the batch axes.
 The verdict keeps 10% of the device memory free for activations and workspace.
 
 --lower tpu|cuda asks the compiler too: the generation engine's decode block and one prefill
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 
 from dsv32_jax.cli import ArgumentParser, CliError, abspath, check_mesh, exit_codes_epilog, int_at_least, run_cli
 from dsv32_jax.config import ModelConfig, load_config
+from dsv32_jax.attention import latent_block
 from dsv32_jax.model import RuntimeOptions
 from dsv32_jax.params import abstract_params, is_quant_scale
 from dsv32_jax.sharding import parse_mesh, spec_for
@@ -44,11 +46,29 @@ class _MeshShape:
         self.shape = dict(sizes)
 
 
+def cache_bytes_per_token_per_layer(cfg: ModelConfig, *, dtype=jnp.bfloat16, numerics: str = "reference",
+                                    kv_cache: str = "dense") -> dict:
+    """{"latent_rope", "indexer", "total"}: bytes per cached token per layer. latent_rope: dense:
+    (kv_lora_rank + rope) in the compute dtype; fp8 (compact): kv_lora_rank e4m3 + one float32
+    scale per 128 + rope in the compute dtype (656 B at the release's dims, bf16). indexer: e4m3
+    key + float32 scale in reference numerics, the compute dtype in exact."""
+    itemsize = jnp.dtype(dtype).itemsize
+    r = cfg.kv_lora_rank
+    if kv_cache == "fp8":
+        lat = r + 4 * (r // latent_block(cfg)) + cfg.qk_rope_head_dim * itemsize
+    else:
+        lat = cfg.kv_dim * itemsize
+    idx = cfg.index_head_dim + 4 if numerics == "reference" else cfg.index_head_dim * itemsize
+    return {"latent_rope": lat, "indexer": idx, "total": lat + idx}
+
+
 def plan(cfg: ModelConfig, mesh: str, *, max_len: int, batch: int, fp8_weights: bool, dtype=jnp.bfloat16,
-         numerics: str = "reference", mtp: bool = False, device_memory_gib: float | None = None) -> dict:
+         numerics: str = "reference", mtp: bool = False, device_memory_gib: float | None = None,
+         kv_cache: str = "dense") -> dict:
     sizes = parse_mesh(mesh)
     ms = _MeshShape(sizes)
-    options = RuntimeOptions(dtype=jnp.dtype(dtype), numerics=numerics, fp8_weights=fp8_weights, mtp=mtp)
+    options = RuntimeOptions(dtype=jnp.dtype(dtype), numerics=numerics, fp8_weights=fp8_weights, mtp=mtp,
+                             kv_cache=kv_cache)
     table = abstract_params(cfg, options)
     n_params = 0
     total_bytes = 0
@@ -65,9 +85,7 @@ def plan(cfg: ModelConfig, mesh: str, *, max_len: int, batch: int, fp8_weights: 
             for a in ((part,) if isinstance(part, str) else (part or ())):
                 shards *= sizes[a]
         per_device += nbytes / shards
-    itemsize = jnp.dtype(dtype).itemsize
-    index_k = cfg.index_head_dim + 4 if numerics == "reference" else cfg.index_head_dim * itemsize
-    per_token_layer = cfg.kv_dim * itemsize + index_k
+    per_token_layer = cache_bytes_per_token_per_layer(cfg, dtype=dtype, numerics=numerics, kv_cache=kv_cache)["total"]
     layers = cfg.num_hidden_layers + (1 if mtp else 0)
     cache_total = per_token_layer * layers * max_len * batch
     batch_shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
@@ -75,7 +93,7 @@ def plan(cfg: ModelConfig, mesh: str, *, max_len: int, batch: int, fp8_weights: 
     out = {
         "mesh": sizes, "devices": math.prod(sizes.values()), "parameters": n_params,
         "parameter_bytes_total": total_bytes, "parameter_bytes_per_device": int(per_device),
-        "cache_bytes_per_token_per_layer": per_token_layer, "cache_bytes_total": cache_total,
+        "cache_bytes_per_token_per_layer": per_token_layer, "kv_cache": kv_cache, "cache_bytes_total": cache_total,
         "cache_bytes_per_device": int(cache_dev), "max_len": max_len, "batch": batch,
         "weights": "float8_e4m3fn + block scales" if fp8_weights else str(jnp.dtype(dtype)),
         "total_bytes_per_device": int(per_device + cache_dev),
@@ -129,6 +147,9 @@ def build_parser():
                     help="fp8: e4m3 weights + block scales as released; bf16: dequantised (default fp8)")
     ap.add_argument("--numerics", choices=("reference", "exact"), default="reference",
                     help="reference: FP8 indexer-key cache (132 B/token); exact: bf16 indexer keys")
+    ap.add_argument("--kv-cache", choices=("dense", "fp8"), default="dense",
+                    help="dense: latent + rope key in bf16 (1152 B/token/layer); fp8: the compact FP8 latent cache "
+                         "(512 e4m3 + 4 float32 scales + 64 bf16 rope = 656 B; needs --numerics reference)")
     ap.add_argument("--mtp", action="store_true", help="count the multi-token-prediction layer too")
     ap.add_argument("--device", default=None,
                     help=f"device memory: a name ({', '.join(DEVICES)}) or a size such as 141GB or 95GiB")
@@ -180,13 +201,17 @@ def compiler_check(cfg, args) -> dict:
         if platform is None:
             continue
         res = compile_check.check(cfg, mesh, platform=platform, batch=args.batch, max_len=args.max_len,
-                                  chunk=args.chunk, numerics=args.numerics, fp8_weights=fp8, compile=comp)
+                                  chunk=args.chunk, numerics=args.numerics, fp8_weights=fp8, compile=comp,
+                                  kv_cache=args.kv_cache)
         out["compiled_cpu" if comp else f"lowered_{platform}"] = res
     return out
 
 
 def _main(args) -> int:
     check_mesh("--mesh", args.mesh)
+    if args.kv_cache == "fp8" and args.numerics != "reference":
+        raise CliError("--kv-cache fp8 stores the FP8-rounded latent of --numerics reference; "
+                       f"it cannot be used with --numerics {args.numerics}")
     memory = _memory(args.device)
     path = abspath(args.config)
     try:
@@ -199,7 +224,7 @@ def _main(args) -> int:
     fp8 = args.weights == "fp8" and cfg.fp8_block_size is not None
     plan_cfg = cfg if not args.layers else cfg.replace(num_hidden_layers=args.layers)
     out = plan(plan_cfg, args.mesh, max_len=args.max_len, batch=args.batch, fp8_weights=fp8, numerics=args.numerics,
-               mtp=args.mtp, device_memory_gib=memory)
+               mtp=args.mtp, device_memory_gib=memory, kv_cache=args.kv_cache)
     if args.lower or args.compile:
         out["compiler"] = compiler_check(cfg, args)
         comp = out["compiler"].get("compiled_cpu", {}).get("decode")

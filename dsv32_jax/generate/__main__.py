@@ -88,6 +88,11 @@ def build_parser() -> ArgumentParser:
                    help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     p.add_argument("--numerics", default="reference", choices=["reference", "exact"],
                    help="reference (default): the official FP8 indexer + KV-latent numerics; exact: transformers' numerics")
+    p.add_argument("--kv-cache", default="dense", choices=["dense", "fp8"],
+                   help="dense (default): the MLA latent cache holds latent + rope key in the compute dtype; fp8: "
+                        "the compact FP8 cache (e4m3 latent + one float32 scale per 128 values + rope key: 656 "
+                        "instead of 1152 bytes per token per layer at the release's dims); needs --numerics "
+                        "reference and gives the same tokens as dense")
     p.add_argument("--attention-impl", default="auto", choices=["auto", "xla", "pallas", "interpret"],
                    help="auto (default): pallas on TPU/GPU, xla on CPU; xla: plain XLA ops; pallas: the TPU/GPU "
                         "kernels; interpret: kernels in interpret mode")
@@ -111,6 +116,9 @@ def check_args(args) -> None:
         raise CliError("--raw applies to --prompt only")
     if any(not s for s in args.stop):
         raise CliError("--stop: an empty stop string would stop at once")
+    if args.kv_cache == "fp8" and args.numerics != "reference":
+        raise CliError("--kv-cache fp8 stores the FP8-rounded latent of --numerics reference; "
+                       f"it cannot be used with --numerics {args.numerics}")
     if args.max_new_tokens is None:
         args.max_new_tokens = 48 if args.demo else 256
     check_mesh("--mesh", args.mesh)
@@ -180,12 +188,13 @@ def load_model(ckpt: Path, args):
     bar = LoadProgress(f"loading {ckpt.name}")
     try:
         module = load(ckpt, dtype=jnp.dtype(dtype), attention_impl=args.attention_impl, numerics=args.numerics,
-                      mesh=args.mesh, progress=bar).module
+                      mesh=args.mesh, progress=bar, kv_cache=args.kv_cache).module
     except CheckpointError as e:       # a missing / truncated / inconsistent tensor, named by the loader
         raise CliError(f"--ckpt: {e}") from None
     finally:
         bar.close()
-    _log(f"loaded {ckpt} ({dtype}, {args.numerics} numerics) in {time.perf_counter() - t0:.1f}s")
+    _log(f"loaded {ckpt} ({dtype}, {args.numerics} numerics, {args.kv_cache} KV cache) in "
+         f"{time.perf_counter() - t0:.1f}s")
     return module
 
 

@@ -49,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
                    help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     p.add_argument("--attention-impl", default="xla", choices=["xla", "pallas", "interpret"])
+    p.add_argument("--kv-cache", default="dense", choices=["dense", "fp8"],
+                   help="dense (default): the MLA latent cache (slots and prefix pool) holds latent + rope key in the "
+                        "compute dtype; fp8: the compact FP8 cache (e4m3 latent + one float32 scale per 128 values + "
+                        "rope key: 656 instead of 1152 bytes per token per layer at the release's dims), same tokens")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     if args.demo == bool(args.ckpt):
@@ -71,7 +75,8 @@ def build(args, ckpt: str):
 
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     t0 = time.perf_counter()
-    model = load(ckpt, dtype=jnp.dtype(dtype), attention_impl=args.attention_impl, mesh=args.mesh)
+    model = load(ckpt, dtype=jnp.dtype(dtype), attention_impl=args.attention_impl, mesh=args.mesh,
+                 kv_cache=args.kv_cache)
     tok = load_tokenizer(ckpt)
     eos = eos_ids_from_config(ckpt, tok.eos_id)
     defaults = sampling_defaults(ckpt)

@@ -89,3 +89,27 @@ def test_options_and_cache_bytes():
                          for k, v in leaves.items() if v is not None}
     assert sum(per_token["dense"].values()) == 1152 + 132
     assert per_token["fp8"] == {"latent": 512, "latent_scale": 16, "rope": 128, "index_k": 128, "index_k_scale": 4}
+
+
+def test_prefix_pool_carries_the_compact_rows(state):
+    """The serving engine's prefix pool (serve.slots) holds and copies every array of a compact
+    cache: a 64-token block of random rows saved from slot 0 and loaded into slot 1 arrives
+    bit for bit in latent (e4m3), latent_scale, rope, index_k and index_k_scale."""
+    from dsv32_jax.serve.slots import BLOCK, SlotModel
+
+    opts = RuntimeOptions(dtype=jnp.bfloat16, numerics="reference", attention_impl="xla", kv_cache="fp8")
+    module = nnx.merge(nnx.split(nnx.eval_shape(lambda: Transformer(CFG, opts, rngs=nnx.Rngs(0))))[0], state)
+    sm = SlotModel(module, max_slots=2, max_len=2 * BLOCK, chunk=16, steps=1)
+    slots, pool = sm.new_slots(), sm.new_pool(3)
+    names = ("latent", "latent_scale", "rope", "index_k", "index_k_scale")
+    assert pool[0].latent.dtype == jnp.float8_e4m3fn and pool[0].latent.shape == (3, BLOCK, CFG.kv_lora_rank)
+    assert all(getattr(pool[0], n) is not None for n in names)
+    keys = iter(jax.random.split(jax.random.key(3), 16))
+    caches = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape).astype(x.dtype), slots.caches)
+    want = {n: np.asarray(getattr(caches[0], n)[0, BLOCK:2 * BLOCK], np.float32) for n in names}
+    slots = dataclasses.replace(slots, caches=caches)
+    i32 = jnp.int32
+    pool = sm._save_block(slots, pool, i32(0), i32(1), i32(2))       # slot 0, block 1 -> entry 2
+    slots = sm._load_block(slots, pool, i32(1), i32(0), i32(2))      # entry 2 -> slot 1, block 0
+    for n in names:
+        np.testing.assert_array_equal(np.asarray(getattr(slots.caches[0], n)[1, :BLOCK], np.float32), want[n], n)

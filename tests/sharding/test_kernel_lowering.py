@@ -134,3 +134,33 @@ def test_kernels_lower_under_mesh(mesh, platform):
         # indexer top-k + sparse MLA per layer, all inside shard_map, and they reach the lowering
         assert kernels >= 2 * RELEASE_ATTENTION.num_hidden_layers, (name, kernels)
         assert calls >= 1 and manual, (name, calls, manual)
+
+
+@pytest.mark.parametrize("mesh_str", ["tensor=2,expert=4"])
+def test_compact_cache_kernels_lower_under_mesh(mesh_str):
+    """kv_cache="fp8": a prefill chunk and a decode step over the compact FP8 latent caches (born
+    with the model's cache shardings) lower for TPU and GPU with every kernel inside shard_map,
+    heads split over tensor and the batch over expert."""
+    mesh = make_mesh(mesh_str)
+    cfg = RELEASE_ATTENTION
+    for platform, (backend, marker) in PLATFORMS.items():
+        opts = RuntimeOptions(dtype=jnp.bfloat16, numerics="reference", attention_impl="pallas", mesh=mesh,
+                              kernel_backend=backend, kv_cache="fp8")
+        model = nnx.eval_shape(lambda: Transformer(cfg, opts, rngs=nnx.Rngs(0)))
+        gd, st = nnx.split(model)
+        st = _abstract(st, mesh, param_shardings(st, mesh))
+        caches = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              model.cache_shapes(B, L), model.cache_shardings(B, L))
+        assert caches[0].latent.dtype == jnp.float8_e4m3fn and caches[0].latent_scale.shape == (B, L, 4)
+
+        def step(st, caches, ids, start):
+            pos = jnp.broadcast_to(start + jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+            h, _, caches = nnx.merge(gd, st).hidden(ids, pos, caches)
+            return caches, h[:, -1]
+
+        for t in (T_CHUNK, 1):
+            tr = jax.jit(step, donate_argnums=(1,)).trace(st, caches, _rows(mesh, (B, t), jnp.int32),
+                                                          jax.ShapeDtypeStruct((), jnp.int32))
+            assert _kernels_inside_shard_map(tr.jaxpr) >= 2 * cfg.num_hidden_layers
+            text = tr.lower(lowering_platforms=(platform,)).as_text()
+            assert text.count(marker) >= 1 and "sdy.manual_computation" in text, (platform, t)

@@ -46,6 +46,16 @@ def test_671b_totals_against_hand_computation():
     assert not one["fits"]                   # the whole model on one H200: no
 
 
+def test_compact_fp8_latent_cache():
+    """kv_cache="fp8": 512 e4m3 + 4 f32 scales + 64 bf16 rope = 656 B, + the indexer's 132 B = 788 B
+    per token per layer; 48,068 B per token over 61 layers, 5.87 GiB per 128K sequence (spec 6)."""
+    cfg = load_config(CONFIG)
+    out = plan(cfg, "expert=8", max_len=131072, batch=8, fp8_weights=True, kv_cache="fp8")
+    assert out["cache_bytes_per_token_per_layer"] == 656 + 132
+    assert out["cache_bytes_total"] // (8 * 131072) == 48068
+    assert abs(out["cache_bytes_total"] / 8 / GiB - 5.87) < 0.01
+
+
 def test_cli_json():
     r = subprocess.run([sys.executable, "-m", "dsv32_jax.plan", "--config", str(CONFIG), "--mesh", "expert=8",
                         "--batch", "8", "--device", "h200", "--json"], capture_output=True, text=True, timeout=300)
