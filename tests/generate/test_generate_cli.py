@@ -31,10 +31,13 @@ def _run_json(capsys, argv):
 
 def test_prompt_ids_greedy_json_equals_full_forward_argmax(demo_ckpt, capsys):
     """Greedy ids from the CLI: every token is the argmax of the full forward over the prompt
-    + the tokens before it (the plain reference, no cache)."""
+    + the tokens before it (the plain reference, no cache). Generated through the compact FP8
+    latent cache (--kv-cache fp8), which holds the reference numerics' FP8-rounded latent that
+    the cache-less forward computes (the dense cache is the default of every other run here)."""
     prompt = [0, 100, 2000, 30000, 129000, 77, 5]
     out = _run_json(capsys, ["--ckpt", str(demo_ckpt), "--prompt-ids", ",".join(map(str, prompt)),
-                             "--temperature", "0", "--max-new-tokens", "6", "--dtype", "float32"])
+                             "--temperature", "0", "--max-new-tokens", "6", "--dtype", "float32",
+                             "--kv-cache", "fp8"])
     assert out["prompt_ids"] == prompt
     gen = out["token_ids"]
     assert len(gen) == 6 and out["finish_reason"] == "length"
