@@ -68,8 +68,9 @@ def indexer_specs(mesh: Mesh, batch: int) -> dict[str, P]:
 def sharded_sparse_mla(q, kv, indices, *, mesh: Mesh | None, softmax_scale, v_dim, **op_options):
     """`pallas_kernels.sparse_mla` on the per-device slice under `mesh` (directly without one).
 
-    q [B, T, H, Dk], kv [B, L, Dk], indices [B, T, K] int32 -> float32 [B, T, H, v_dim].
-    op_options: impl, backend, variant, ... (see sparse_mla). Differentiable w.r.t. q and kv.
+    q [B, T, H, Dk], kv [B, L, Dk] or a compact FP8 cache (pallas_kernels.sparse_mla.CompactKV, its
+    three [B, L, ...] arrays split like kv), indices [B, T, K] int32 -> float32 [B, T, H, v_dim].
+    op_options: impl, backend, variant, ... (see sparse_mla). Differentiable w.r.t. q and a dense kv.
     """
     def local(q, kv, indices):
         return sparse_mla(q, kv, indices, softmax_scale=softmax_scale, v_dim=v_dim, **op_options)
