@@ -128,7 +128,10 @@ def test_accelerator_xla_forward():
 
 
 def test_api_validation():
-    q, kv, idx = _inputs(5, B=1, T=1, H=4, L=8, K=4, dtype=jnp.float32)
+    q = jnp.zeros((1, 1, 4, DV + DR), jnp.float32)
+    kv = CompactKV(jnp.zeros((1, 8, DV), jnp.float8_e4m3fn), jnp.ones((1, 8, 2), jnp.float32),
+                   jnp.zeros((1, 8, DR), jnp.float32))
+    idx = jnp.zeros((1, 1, 4), jnp.int32)
     with pytest.raises(ValueError, match="v_dim"):
         api.sparse_mla(q, kv, idx, softmax_scale=SCALE, v_dim=DV + DR, impl="reference")
     with pytest.raises(ValueError, match="float8_e4m3fn"):

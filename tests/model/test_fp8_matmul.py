@@ -138,17 +138,17 @@ def test_gradient_to_x_without_stored_tiles():
     assert temp < k * n, temp
 
 
-# (heads, R, nope, v, block, max_tile_ratio, min_tile_bytes): the release's 128-column head halves
-# on 128-blocks; tiny heads several to a scale block with a partial row tile; one-step plan
+# (heads, R, nope, v, block, max_tile_ratio, min_tile_bytes, dtype): the release's 128-column head
+# halves on 128-blocks in bf16; tiny heads several to a scale block with a partial row tile; a
+# one-step plan with unequal nope / v
 HEAD_CASES = [
-    (8, 256, 128, 128, (128, 128), 1 / 6, 0),
-    (4, 32, 16, 16, (128, 128), 0.5, 0),
-    (6, 100, 24, 8, (32, 16), 1.0, 1 << 30),
+    (8, 256, 128, 128, (128, 128), 1 / 6, 0, jnp.bfloat16),
+    (4, 32, 16, 16, (128, 128), 0.5, 0, jnp.float32),
+    (6, 100, 24, 8, (32, 16), 1.0, 1 << 30, jnp.float32),
 ]
 
 
-@pytest.mark.parametrize("heads,r,nope,v,block,ratio,min_bytes", HEAD_CASES)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads,r,nope,v,block,ratio,min_bytes,dtype", HEAD_CASES)
 def test_fp8_head_einsum_equals_dequantise_then_einsum(heads, r, nope, v, block, ratio, min_bytes, dtype):
     """MLA's absorbed W_UK / W_UV products with a head-tiled FP8 kv_b against the plain-jnp
     reference (dequantise_blocks whole, cast to the compute dtype, einsum with f32 accumulation,

@@ -42,18 +42,13 @@ def test_671b_totals_against_hand_computation():
     assert out["fits"]                       # 8 x H200
     v5p = plan(cfg, "expert=8,tensor=4", max_len=131072, batch=8, fp8_weights=True, device_memory_gib=95.0)
     assert v5p["devices"] == 32 and v5p["fits"]                                        # v5p-64 = 32 chips
-    one = plan(cfg, "", max_len=131072, batch=1, fp8_weights=True, device_memory_gib=141e9 / GiB)
+    one = plan(cfg, "", max_len=131072, batch=1, fp8_weights=True, device_memory_gib=141e9 / GiB, kv_cache="fp8")
     assert not one["fits"]                   # the whole model on one H200: no
-
-
-def test_compact_fp8_latent_cache():
-    """kv_cache="fp8": 512 e4m3 + 4 f32 scales + 64 bf16 rope = 656 B, + the indexer's 132 B = 788 B
-    per token per layer; 48,068 B per token over 61 layers, 5.87 GiB per 128K sequence (spec 6)."""
-    cfg = load_config(CONFIG)
-    out = plan(cfg, "expert=8", max_len=131072, batch=8, fp8_weights=True, kv_cache="fp8")
-    assert out["cache_bytes_per_token_per_layer"] == 656 + 132
-    assert out["cache_bytes_total"] // (8 * 131072) == 48068
-    assert abs(out["cache_bytes_total"] / 8 / GiB - 5.87) < 0.01
+    # the compact FP8 latent cache: 512 e4m3 + 4 f32 scales + 64 bf16 rope = 656 B, + the indexer's
+    # 132 B = 788 B per token per layer; 48,068 B per token over 61 layers, 5.87 GiB per 128K (spec 6)
+    assert one["cache_bytes_per_token_per_layer"] == 656 + 132 and one["kv_cache"] == "fp8"
+    assert one["cache_bytes_total"] // 131072 == 48068
+    assert abs(one["cache_bytes_total"] / GiB - 5.87) < 0.01
 
 
 def test_cli_json():
