@@ -13,7 +13,6 @@ same way: its gathered rows are dequantised to the compute dtype (rope's dtype).
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
