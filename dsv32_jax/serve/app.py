@@ -228,7 +228,8 @@ class _Reply:
     # ---------------------------------------------------------------- shared
     def _finish_reason(self, i: int) -> str:
         r = self.jobs[i].req.finish_reason
-        if self.chat and self.parsers[i].calls:
+        p = self.parsers[i]
+        if self.chat and p.calls and not p.cut:      # a call closed by the parser: the engine's reason
             return "tool_calls"
         return r if r in ("stop", "length") else "stop"
 

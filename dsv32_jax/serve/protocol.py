@@ -6,8 +6,8 @@ Parameters that the engine cannot honour are accepted and documented here:
 presence_penalty / frequency_penalty (range-checked, no effect: sampling runs on the device
 without a token-count history), user. response_format json_object / json_schema is both
 written into the prompt (as the official V3.2 encoding does) and enforced by token masks
-(constrain.py); so are `strict` tools when tool_choice is "required" or names a function (with
-"auto" the model may answer in prose, and strict is not enforced).
+(constrain.py); so are `strict` tools (with tool_choice "auto" the reply is free text or text
+followed by a call block whose strict calls follow their schemas).
 """
 from __future__ import annotations
 
@@ -322,9 +322,11 @@ def chat_plan(body: dict, cfg, tok) -> Plan:
             grammar = cfg.grammars.grammar(rf)
         except ValueError as e:
             raise bad("response_format", str(e)) from None
-    if forced and any(t["function"].get("strict") is True for t in tools):
+    if tools and choice != "none" and any(t["function"].get("strict") is True for t in tools):
         if cfg.grammars is None:
             raise bad("tools", "strict tools need the llguidance package on the server")
+        if grammar is not None:
+            raise bad("response_format", "response_format cannot be combined with strict tools")
         from dsv32_jax.serve.constrain import tools_grammar
         try:
             grammar = cfg.grammars.lark(tools_grammar(tools, choice, tok.token_to_id("｜DSML｜")))
