@@ -6,7 +6,9 @@ ignored so every request runs to its length):
 
   "engine": all requests submitted at once to the engine, run in Python (run_until_idle);
   "server": --concurrency streaming clients (httpx, /v1/completions with token-id prompts and
-            stream_options.include_usage) against the live server on loopback.
+            stream_options.include_usage) against the live server on loopback; the clients run
+            in a process of their own (as `vllm bench serve` does), so that their JSON parsing
+            does not share the server's interpreter lock.
 
 Server metrics: TTFT (submission to the first streamed text), TPOT ((latency - TTFT) /
 (output tokens - 1)), ITL (gaps between streamed chunks), E2E latency (mean, p50, p90, p99, ms),
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import json
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -96,6 +99,16 @@ async def _client(base, prompts, out_len, concurrency) -> list:
     return results
 
 
+def client_main(base: str) -> int:
+    """The client process: {"prompts", "out_len", "concurrency"} on stdin -> JSON results on
+    stdout ([t0, stamps, t_end, tokens] per request, and the wall time of the whole run)."""
+    job = json.loads(sys.stdin.read())
+    t0 = time.perf_counter()
+    res = asyncio.run(_client(base, job["prompts"], job["out_len"], job["concurrency"]))
+    print(json.dumps({"duration_s": time.perf_counter() - t0, "results": res}))
+    return 0
+
+
 def run_server(model, tok, eng, prompts, args) -> dict:
     import uvicorn
 
@@ -113,9 +126,13 @@ def run_server(model, tok, eng, prompts, args) -> dict:
         time.sleep(0.05)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        t0 = time.perf_counter()
-        res = asyncio.run(_client(base, prompts, args.out_len, args.concurrency))
-        dt = time.perf_counter() - t0
+        job = json.dumps({"prompts": prompts, "out_len": args.out_len, "concurrency": args.concurrency})
+        proc = subprocess.run([sys.executable, __file__, "--client-of", base], input=job, capture_output=True,
+                              text=True, timeout=3600)
+        if proc.returncode:
+            raise RuntimeError(f"client process failed: {proc.stderr[-2000:]}")
+        out = json.loads(proc.stdout)
+        dt, res = out["duration_s"], out["results"]
     finally:
         uv.should_exit = True
         th.join(10)
@@ -143,7 +160,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--out-len", type=int, default=64)
+    p.add_argument("--client-of", default=None, help=argparse.SUPPRESS)     # internal: the client process
     args = p.parse_args(argv)
+    if args.client_of:
+        return client_main(args.client_of)
     rs = np.random.RandomState(0)
     prompts = [list(map(int, rs.randint(2, 100000, args.prompt_len))) for _ in range(args.requests)]
     with tempfile.TemporaryDirectory(prefix="dsv32-serve-bench-") as tmp:

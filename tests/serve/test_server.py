@@ -273,6 +273,57 @@ def test_strict_tool_call(live):
         assert [frags[i] for i in range(len(heads))] == [c.function.arguments for c in msg.tool_calls]
 
 
+class _Steered:
+    """A request constraint that forces its first tokens (a model deciding to call a tool), each
+    checked against the grammar's own mask, then leaves the reply to the grammar alone."""
+
+    def __init__(self, inner, script, vocab):
+        self.inner, self.script, self.words = inner, script, -(-vocab // 32)
+
+    def mask(self, tokens):
+        m = self.inner.mask(tokens)
+        if len(tokens) >= len(self.script):
+            return m
+        t = self.script[len(tokens)]
+        assert m is None or (int(m[t // 32]) >> (t % 32)) & 1, "the grammar refuses the scripted token"
+        out = np.zeros(self.words, np.uint32)
+        out[t // 32] = np.uint32(1 << (t % 32))
+        return out.view(np.int32)
+
+
+def test_strict_tools_with_auto(live):
+    """tool_choice "auto" with a strict tool: the grammar allows plain content (the random model
+    answers in prose, with no DSML in it) or text then a call block. In thinking mode, with the
+    reasoning and the block's opening forced (the constraint starts after </think>), the model
+    writes the rest of the call under the masks: it parses, and its arguments follow the schema."""
+    from dsv32_jax.serve.protocol import chat_plan
+    from dsv32_jax.serve.stream_parse import parse_text
+
+    tools = [{"type": "function", "function": {"name": "set_light", "strict": True, "parameters": {
+        "type": "object", "properties": {"on": {"type": "boolean"}, "room": {"enum": ["hall", "kitchen"]},
+                                         "level": {"type": "integer"}}, "required": ["on", "room", "level"]}}}]
+    r = _chat(live, "Lights!", tools=tools, max_tokens=10)
+    msg = r.choices[0].message
+    assert msg.content and not msg.tool_calls and "DSML" not in msg.content
+    tok, eng, server = live["tok"], live["engine"], live["server"]
+    body = {"model": "deepseek-reasoner", "tools": tools, "messages": [{"role": "user", "content": "Lights!"}]}
+    plan = chat_plan(body, server.cfg, tok)
+    assert plan.grammar is not None and plan.thinking
+    inner = server.cfg.grammars.constraint(plan.grammar, server.cfg.think_end_id)
+    script = tok.encode("Hm.") + [server.cfg.think_end_id] + tok.encode("On it.\n\n<") + [tok.token_to_id("｜DSML｜")]
+    req = eng.submit(Request(plan.prompts[0], max_tokens=120, temperature=0.0,
+                             constraint=_Steered(inner, script, server.cfg.vocab_size)))
+    assert req.done.wait(120)
+    assert req.tokens[-1] == tok.eos_id and req.finish_reason == "stop"       # the grammar ended the reply
+    msg = parse_text(tok.decode(req.tokens[:-1]), True, True)
+    assert (msg["reasoning_content"], msg["content"]) == ("Hm.", "On it.")
+    assert msg["tool_calls"] and all(c["function"]["name"] == "set_light" for c in msg["tool_calls"])
+    for c in msg["tool_calls"]:
+        args = json.loads(c["function"]["arguments"])
+        assert set(args) == {"on", "room", "level"} and isinstance(args["on"], bool)
+        assert args["room"] in ("hall", "kitchen") and isinstance(args["level"], int)
+
+
 def test_prefix_cache_hit(live):
     text = " ".join(f"item{i}" for i in range(150))
     a = _chat(live, text + " first", max_tokens=2)
