@@ -171,9 +171,12 @@ def main(argv=None) -> int:
         if ckpt is None:
             from dsv32_jax.generate.__main__ import build_demo_checkpoint
             ckpt = str(build_demo_checkpoint(tmp))
+        t0 = time.perf_counter()
         model, tok, eng = _engine(args, ckpt)
+        print(f"engine built and compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         run_engine(eng, prompts[:args.max_slots], 8)             # warm the host paths too
         engine = run_engine(eng, prompts, args.out_len)
+        print(f"engine: {engine}", file=sys.stderr, flush=True)
         server = run_server(model, tok, eng, prompts, args)
     out = {"backend": jax.default_backend(), "devices": jax.device_count(),
            "workload": {k: getattr(args, k) for k in ("requests", "concurrency", "max_slots", "prompt_len",
