@@ -10,6 +10,11 @@ ignored so every request runs to its length):
             in a process of their own (as `vllm bench serve` does), so that their JSON parsing
             does not share the server's interpreter lock.
 
+--engine synthetic replaces the model with `SyntheticEngine` (no device work: each decode block
+of --steps tokens per live request takes --block-ms of sleep, random token ids detokenized as
+the real engine does), so that the HTTP layer's cost shows at token rates a CPU cannot reach
+with a model; "engine" and "server" then run the same synthetic engine.
+
 Server metrics: TTFT (submission to the first streamed text), TPOT ((latency - TTFT) /
 (output tokens - 1)), ITL (gaps between streamed chunks), E2E latency (mean, p50, p90, p99, ms),
 request and output-token throughput; "http_efficiency" = server output tokens/s over the
@@ -57,6 +62,91 @@ def _engine(args, ckpt):
                         prefix_blocks=0, max_queue=4 * args.requests, eos_ids=(), tokenizer=tok)
     eng.warmup()
     return model, tok, eng
+
+
+class SyntheticEngine:
+    """The ServingEngine interface the server uses, without a model: each step() stands for one
+    decode block (`steps` random tokens for each of at most `max_slots` live requests, the
+    device's time simulated by sleeping block_ms, during which the interpreter lock is free, as
+    while a device computes)."""
+
+    def __init__(self, tok, max_slots: int, steps: int, block_ms: float, max_queue: int):
+        import collections
+
+        self.tok, self.max_slots, self.steps, self.block_s, self.max_queue = tok, max_slots, steps, block_ms / 1e3, max_queue
+        self.stats = collections.Counter()
+        self._lock = threading.Lock()
+        self._inbox, self._live, self._cancels = [], [], []
+        self._rs = np.random.RandomState(0)
+
+    def submit(self, req):
+        from dsv32_jax.serve.scheduler import QueueFull
+
+        with self._lock:
+            if len(self._inbox) >= self.max_queue:
+                raise QueueFull("queue full")
+            self._inbox.append(req)
+        return req
+
+    def cancel(self, req):
+        with self._lock:
+            self._cancels.append(req)
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not (self._inbox or self._live or self._cancels)
+
+    def queue_depth(self) -> int:
+        return len(self._inbox)
+
+    def slots_in_use(self) -> int:
+        return len(self._live)
+
+    def _finish(self, r, reason):
+        r.finish_reason = reason
+        r.done.set()
+
+    def step(self):
+        from dsv32_jax.generate.engine import _TextStream
+
+        with self._lock:
+            cancels, self._cancels = self._cancels, []
+            for r in cancels:
+                if r in self._inbox:
+                    self._inbox.remove(r)
+            while self._inbox and len(self._live) < self.max_slots:
+                r = self._inbox.pop(0)
+                r._stream = _TextStream(self.tok, ())
+                self._live.append(r)
+        for r in cancels:
+            if r in self._live:
+                self._live.remove(r)
+            self._finish(r, "cancelled")
+        if not self._live:
+            return
+        time.sleep(self.block_s)
+        ids = self._rs.randint(2, 100000, (len(self._live), self.steps))
+        for r, row in zip(list(self._live), ids):
+            for t in map(int, row):
+                r.tokens.append(t)
+                self.stats["generated_tokens"] += 1
+                last = len(r.tokens) >= r.max_tokens
+                piece, _ = r._stream.add(t, final=last)
+                r.text = r._stream.text
+                if r.on_token is not None:
+                    r.on_token(r, t, piece)
+                if last:
+                    self._live.remove(r)
+                    self._finish(r, "length")
+                    break
+
+    def generate(self, reqs):
+        for r in reqs:
+            self.submit(r)
+        while not self.idle:
+            self.step()
+        return reqs
 
 
 def run_engine(eng, prompts, out_len) -> dict:
@@ -109,13 +199,12 @@ def client_main(base: str) -> int:
     return 0
 
 
-def run_server(model, tok, eng, prompts, args) -> dict:
+def run_server(vocab_size, tok, eng, prompts, args) -> dict:
     import uvicorn
 
     from dsv32_jax.serve.app import Server, ServerConfig
 
-    cfg = ServerConfig(served=["deepseek-chat"], max_len=args.max_len, vocab_size=model.module.cfg.vocab_size,
-                       eos_ids=())
+    cfg = ServerConfig(served=["deepseek-chat"], max_len=args.max_len, vocab_size=vocab_size, eos_ids=())
     server = Server(eng, tok, cfg).start()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -160,6 +249,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--out-len", type=int, default=64)
+    p.add_argument("--engine", default="model", choices=["model", "synthetic"],
+                   help="the model (default), or SyntheticEngine: the HTTP layer's cost at high token rates")
+    p.add_argument("--block-ms", type=float, default=20.0, help="synthetic engine: time of one decode block")
     p.add_argument("--client-of", default=None, help=argparse.SUPPRESS)     # internal: the client process
     args = p.parse_args(argv)
     if args.client_of:
@@ -168,19 +260,25 @@ def main(argv=None) -> int:
     prompts = [list(map(int, rs.randint(2, 100000, args.prompt_len))) for _ in range(args.requests)]
     with tempfile.TemporaryDirectory(prefix="dsv32-serve-bench-") as tmp:
         ckpt = args.ckpt
-        if ckpt is None:
-            from dsv32_jax.generate.__main__ import build_demo_checkpoint
-            ckpt = str(build_demo_checkpoint(tmp))
         t0 = time.perf_counter()
-        model, tok, eng = _engine(args, ckpt)
+        if args.engine == "synthetic":
+            from dsv32_jax.generate.tokenizer import demo_tokenizer_dir, load_tokenizer
+            tok = load_tokenizer(ckpt or demo_tokenizer_dir(tmp))
+            eng, vocab = SyntheticEngine(tok, args.max_slots, args.steps, args.block_ms, 4 * args.requests), 129280
+        else:
+            if ckpt is None:
+                from dsv32_jax.generate.__main__ import build_demo_checkpoint
+                ckpt = str(build_demo_checkpoint(tmp))
+            model, tok, eng = _engine(args, ckpt)
+            vocab = model.module.cfg.vocab_size
         print(f"engine built and compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         run_engine(eng, prompts[:args.max_slots], 8)             # warm the host paths too
         engine = run_engine(eng, prompts, args.out_len)
         print(f"engine: {engine}", file=sys.stderr, flush=True)
-        server = run_server(model, tok, eng, prompts, args)
-    out = {"backend": jax.default_backend(), "devices": jax.device_count(),
+        server = run_server(vocab, tok, eng, prompts, args)
+    out = {"backend": jax.default_backend(), "devices": jax.device_count(), "engine_kind": args.engine,
            "workload": {k: getattr(args, k) for k in ("requests", "concurrency", "max_slots", "prompt_len",
-                                                       "out_len", "steps")},
+                                                       "out_len", "steps", "block_ms")},
            "engine": engine, "server": server,
            "http_efficiency": round(server["output_tok_s"] / engine["output_tok_s"], 3)}
     print(json.dumps(out, indent=1))

@@ -14,6 +14,10 @@ never on which other requests share the batch, nor on the path taken. The kept s
 among the `candidates` largest logits (lax.top_k, not a sort of the 129,280-entry vocabulary)
 when every restricted row's top_k fits there and its nucleus mass is reached there; otherwise
 (rare: a flat distribution with top_p close to 1) the step falls back to a full sort.
+
+Presence / frequency penalties (`apply_penalties`, before sampling) use per-row counts of the
+tokens generated so far (`count_tokens`, after it); both skip their [B, V] work when no row
+has a penalty.
 """
 from __future__ import annotations
 
