@@ -114,6 +114,23 @@ def test_token_id_prompt_gives_engine_tokens(live):
     assert all(len(t) <= 2 for t in c.choices[0].logprobs.top_logprobs)
 
 
+def test_penalties_reach_the_engine(live):
+    """presence / frequency penalties in a request give what the engine gives with them (and not
+    the unpenalised tokens: negative ones, since the random model repeats no token unprompted);
+    in thinking mode they are accepted and have no effect."""
+    tok, eng = live["tok"], live["engine"]
+    c = live["client"].completions.create(model="deepseek-chat", prompt=DIRECT_IDS, max_tokens=10, temperature=0,
+                                          presence_penalty=-2.0, frequency_penalty=-2.0)
+    want = eng.submit(Request(DIRECT_IDS, max_tokens=10, temperature=0.0, presence_penalty=-2.0,
+                              frequency_penalty=-2.0))
+    assert want.done.wait(60)
+    assert want.tokens != live["direct"].tokens
+    assert c.choices[0].text == tok.decode([t for t in want.tokens if t != tok.eos_id])
+    plain = _chat(live, "Hi", max_tokens=6, model="deepseek-reasoner")
+    pen = _chat(live, "Hi", max_tokens=6, model="deepseek-reasoner", presence_penalty=-2.0, frequency_penalty=-2.0)
+    assert pen.choices[0].message.reasoning_content == plain.choices[0].message.reasoning_content
+
+
 def test_streamed_equals_whole(live):
     whole = _chat(live, "Tell me about sparse attention.")
     content, reasoning, finish, usage = _collect(_chat(live, "Tell me about sparse attention.", stream=True,
