@@ -73,7 +73,8 @@ class SyntheticEngine:
     def __init__(self, tok, max_slots: int, steps: int, block_ms: float, max_queue: int):
         import collections
 
-        self.tok, self.max_slots, self.steps, self.block_s, self.max_queue = tok, max_slots, steps, block_ms / 1e3, max_queue
+        self.tok, self.max_slots, self.steps, self.max_queue = tok, max_slots, steps, max_queue
+        self.block_s = block_ms / 1e3
         self.stats = collections.Counter()
         self._lock = threading.Lock()
         self._inbox, self._live, self._cancels = [], [], []

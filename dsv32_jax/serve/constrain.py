@@ -174,7 +174,8 @@ def tools_grammar(tools: list, choice: str, dsml_id: int) -> str:
     return "\n".join([f"start: {start}",
                       f'more: "<" dsml {_lit("invoke name=" + chr(34))} ({calls}) {_INVOKE_END}',
                       f'anyparam: "<" dsml {_lit("parameter name=" + chr(34))} PNAME '
-                      f'({_lit(chr(34) + " " + _STR_TRUE_RAW)} | {_lit(chr(34) + " " + _STR_FALSE_RAW)}) TEXT {_PARAM_END}',
+                      f'({_lit(chr(34) + " " + _STR_TRUE_RAW)} | {_lit(chr(34) + " " + _STR_FALSE_RAW)}) '
+                      f'TEXT {_PARAM_END}',
                       *rules, "TEXT: /[^<]*/", 'PNAME: /[^"<>]+/',
                       f"TEXT_FREE: /(?s:.*)/ & {no_marker}", f"TEXT_LT: /(?s:.*)</ & {no_marker}",
                       f"dsml: <[{dsml_id}]>"])

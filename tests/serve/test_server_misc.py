@@ -165,7 +165,8 @@ def test_tool_call_deltas_through_the_server(tok):
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Checking."
     (call,) = choice["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather"
-    assert json.loads(call["function"]["arguments"]) == {"city": 'Saint-Étienne, "Loire" and more text here', "days": 3}
+    want = {"city": 'Saint-Étienne, "Loire" and more text here', "days": 3}
+    assert json.loads(call["function"]["arguments"]) == want
     tcs = [tc for ch in chunks for tc in ch["choices"][0]["delta"].get("tool_calls") or []]
     head = tcs[0]
     assert head["index"] == 0 and head["id"].startswith("call_") and head["type"] == "function"

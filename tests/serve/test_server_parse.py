@@ -99,7 +99,8 @@ def test_stream_delta_shape():
     deltas = p.feed(text) + p.finish()             # whole: header, then the arguments merged
     assert deltas[0] == {"content": "Sure."}
     head = deltas[1]["tool_calls"][0]
-    assert head == {"index": 0, "id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    assert head == {"index": 0, "id": "call_0", "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""}}
     assert json.loads(_args_of(deltas, 0)) == WEATHER_ARGS and _args_of(deltas, 1) == "{}"
     assert p.calls == 2 and not p.cut
     # one character at a time: the header as soon as its tag is complete, then the string value
