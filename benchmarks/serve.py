@@ -6,7 +6,14 @@ ignored so every request runs to its length):
 
   "engine": all requests submitted at once to the engine, run in Python (run_until_idle);
   "server": --concurrency streaming clients (httpx, /v1/completions with token-id prompts and
-            stream_options.include_usage) against the live server on loopback.
+            stream_options.include_usage) against the live server on loopback; the clients run
+            in a process of their own (as `vllm bench serve` does), so that their JSON parsing
+            does not share the server's interpreter lock.
+
+--engine synthetic replaces the model with `SyntheticEngine` (no device work: each decode block
+of --steps tokens per live request takes --block-ms of sleep, random token ids detokenized as
+the real engine does), so that the HTTP layer's cost shows at token rates a CPU cannot reach
+with a model; "engine" and "server" then run the same synthetic engine.
 
 Server metrics: TTFT (submission to the first streamed text), TPOT ((latency - TTFT) /
 (output tokens - 1)), ITL (gaps between streamed chunks), E2E latency (mean, p50, p90, p99, ms),
@@ -21,6 +28,7 @@ import argparse
 import asyncio
 import json
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -54,6 +62,92 @@ def _engine(args, ckpt):
                         prefix_blocks=0, max_queue=4 * args.requests, eos_ids=(), tokenizer=tok)
     eng.warmup()
     return model, tok, eng
+
+
+class SyntheticEngine:
+    """The ServingEngine interface the server uses, without a model: each step() stands for one
+    decode block (`steps` random tokens for each of at most `max_slots` live requests, the
+    device's time simulated by sleeping block_ms, during which the interpreter lock is free, as
+    while a device computes)."""
+
+    def __init__(self, tok, max_slots: int, steps: int, block_ms: float, max_queue: int):
+        import collections
+
+        self.tok, self.max_slots, self.steps, self.max_queue = tok, max_slots, steps, max_queue
+        self.block_s = block_ms / 1e3
+        self.stats = collections.Counter()
+        self._lock = threading.Lock()
+        self._inbox, self._live, self._cancels = [], [], []
+        self._rs = np.random.RandomState(0)
+
+    def submit(self, req):
+        from dsv32_jax.serve.scheduler import QueueFull
+
+        with self._lock:
+            if len(self._inbox) >= self.max_queue:
+                raise QueueFull("queue full")
+            self._inbox.append(req)
+        return req
+
+    def cancel(self, req):
+        with self._lock:
+            self._cancels.append(req)
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not (self._inbox or self._live or self._cancels)
+
+    def queue_depth(self) -> int:
+        return len(self._inbox)
+
+    def slots_in_use(self) -> int:
+        return len(self._live)
+
+    def _finish(self, r, reason):
+        r.finish_reason = reason
+        r.done.set()
+
+    def step(self):
+        from dsv32_jax.generate.engine import _TextStream
+
+        with self._lock:
+            cancels, self._cancels = self._cancels, []
+            for r in cancels:
+                if r in self._inbox:
+                    self._inbox.remove(r)
+            while self._inbox and len(self._live) < self.max_slots:
+                r = self._inbox.pop(0)
+                r._stream = _TextStream(self.tok, ())
+                self._live.append(r)
+        for r in cancels:
+            if r in self._live:
+                self._live.remove(r)
+            self._finish(r, "cancelled")
+        if not self._live:
+            return
+        time.sleep(self.block_s)
+        ids = self._rs.randint(2, 100000, (len(self._live), self.steps))
+        for r, row in zip(list(self._live), ids):
+            for t in map(int, row):
+                r.tokens.append(t)
+                self.stats["generated_tokens"] += 1
+                last = len(r.tokens) >= r.max_tokens
+                piece, _ = r._stream.add(t, final=last)
+                r.text = r._stream.text
+                if r.on_token is not None:
+                    r.on_token(r, t, piece)
+                if last:
+                    self._live.remove(r)
+                    self._finish(r, "length")
+                    break
+
+    def generate(self, reqs):
+        for r in reqs:
+            self.submit(r)
+        while not self.idle:
+            self.step()
+        return reqs
 
 
 def run_engine(eng, prompts, out_len) -> dict:
@@ -96,13 +190,22 @@ async def _client(base, prompts, out_len, concurrency) -> list:
     return results
 
 
-def run_server(model, tok, eng, prompts, args) -> dict:
+def client_main(base: str) -> int:
+    """The client process: {"prompts", "out_len", "concurrency"} on stdin -> JSON results on
+    stdout ([t0, stamps, t_end, tokens] per request, and the wall time of the whole run)."""
+    job = json.loads(sys.stdin.read())
+    t0 = time.perf_counter()
+    res = asyncio.run(_client(base, job["prompts"], job["out_len"], job["concurrency"]))
+    print(json.dumps({"duration_s": time.perf_counter() - t0, "results": res}))
+    return 0
+
+
+def run_server(vocab_size, tok, eng, prompts, args) -> dict:
     import uvicorn
 
     from dsv32_jax.serve.app import Server, ServerConfig
 
-    cfg = ServerConfig(served=["deepseek-chat"], max_len=args.max_len, vocab_size=model.module.cfg.vocab_size,
-                       eos_ids=())
+    cfg = ServerConfig(served=["deepseek-chat"], max_len=args.max_len, vocab_size=vocab_size, eos_ids=())
     server = Server(eng, tok, cfg).start()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -113,9 +216,13 @@ def run_server(model, tok, eng, prompts, args) -> dict:
         time.sleep(0.05)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        t0 = time.perf_counter()
-        res = asyncio.run(_client(base, prompts, args.out_len, args.concurrency))
-        dt = time.perf_counter() - t0
+        job = json.dumps({"prompts": prompts, "out_len": args.out_len, "concurrency": args.concurrency})
+        proc = subprocess.run([sys.executable, __file__, "--client-of", base], input=job, capture_output=True,
+                              text=True, timeout=3600)
+        if proc.returncode:
+            raise RuntimeError(f"client process failed: {proc.stderr[-2000:]}")
+        out = json.loads(proc.stdout)
+        dt, res = out["duration_s"], out["results"]
     finally:
         uv.should_exit = True
         th.join(10)
@@ -143,21 +250,36 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--out-len", type=int, default=64)
+    p.add_argument("--engine", default="model", choices=["model", "synthetic"],
+                   help="the model (default), or SyntheticEngine: the HTTP layer's cost at high token rates")
+    p.add_argument("--block-ms", type=float, default=20.0, help="synthetic engine: time of one decode block")
+    p.add_argument("--client-of", default=None, help=argparse.SUPPRESS)     # internal: the client process
     args = p.parse_args(argv)
+    if args.client_of:
+        return client_main(args.client_of)
     rs = np.random.RandomState(0)
     prompts = [list(map(int, rs.randint(2, 100000, args.prompt_len))) for _ in range(args.requests)]
     with tempfile.TemporaryDirectory(prefix="dsv32-serve-bench-") as tmp:
         ckpt = args.ckpt
-        if ckpt is None:
-            from dsv32_jax.generate.__main__ import build_demo_checkpoint
-            ckpt = str(build_demo_checkpoint(tmp))
-        model, tok, eng = _engine(args, ckpt)
+        t0 = time.perf_counter()
+        if args.engine == "synthetic":
+            from dsv32_jax.generate.tokenizer import demo_tokenizer_dir, load_tokenizer
+            tok = load_tokenizer(ckpt or demo_tokenizer_dir(tmp))
+            eng, vocab = SyntheticEngine(tok, args.max_slots, args.steps, args.block_ms, 4 * args.requests), 129280
+        else:
+            if ckpt is None:
+                from dsv32_jax.generate.__main__ import build_demo_checkpoint
+                ckpt = str(build_demo_checkpoint(tmp))
+            model, tok, eng = _engine(args, ckpt)
+            vocab = model.module.cfg.vocab_size
+        print(f"engine built and compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         run_engine(eng, prompts[:args.max_slots], 8)             # warm the host paths too
         engine = run_engine(eng, prompts, args.out_len)
-        server = run_server(model, tok, eng, prompts, args)
-    out = {"backend": jax.default_backend(), "devices": jax.device_count(),
+        print(f"engine: {engine}", file=sys.stderr, flush=True)
+        server = run_server(vocab, tok, eng, prompts, args)
+    out = {"backend": jax.default_backend(), "devices": jax.device_count(), "engine_kind": args.engine,
            "workload": {k: getattr(args, k) for k in ("requests", "concurrency", "max_slots", "prompt_len",
-                                                       "out_len", "steps")},
+                                                       "out_len", "steps", "block_ms")},
            "engine": engine, "server": server,
            "http_efficiency": round(server["output_tok_s"] / engine["output_tok_s"], 3)}
     print(json.dumps(out, indent=1))

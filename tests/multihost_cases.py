@@ -17,7 +17,7 @@ def generation_prompts():
 
 def serving_requests():
     """(prompt, settings) of mixed requests for the serving engine (greedy and seeded sampling,
-    two sharing a 140-token prefix)."""
+    two with presence / frequency penalties, two sharing a 140-token prefix)."""
     def prompt(seed, n):
         return list(map(int, np.random.RandomState(seed).randint(2, 256, n)))
 
@@ -25,6 +25,8 @@ def serving_requests():
     out = [(prompt(i, n), dict(max_tokens=t, temperature=temp, top_p=0.9, seed=i))
            for i, (n, t, temp) in enumerate([(21, 6, 0.0), (70, 5, 0.8), (13, 7, 1.0), (40, 4, 0.0),
                                             (33, 6, 1.2), (9, 5, 0.7)])]
+    out[3][1].update(presence_penalty=0.5, frequency_penalty=0.4)      # penalised rows (sharded counts)
+    out[4][1].update(frequency_penalty=1.0)
     out.append((shared + [3, 4], dict(max_tokens=4, temperature=0.0)))
     out.append((shared + [5, 6, 7], dict(max_tokens=4, temperature=0.0)))
     return out

@@ -216,11 +216,10 @@ class _Reply:
         self.s, self.plan, self.jobs, self.rid = server, plan, jobs, rid
         self.created = int(time.time())
         self.chat = plan.kind == "chat"
-        self.parsers = []
+        self.parsers, self.pre = [], []     # pre: deltas of the reply's start that the prompt holds
         for _ in jobs:
             p = StreamParser(plan.thinking, plan.tools)
-            if plan.forced:
-                p.feed(plan.forced)
+            self.pre.append(p.feed(plan.forced) if plan.forced else [])    # a named call's header
             self.parsers.append(p)
         self.text = [""] * len(jobs)
         self.pending = len(jobs)
@@ -228,7 +227,8 @@ class _Reply:
     # ---------------------------------------------------------------- shared
     def _finish_reason(self, i: int) -> str:
         r = self.jobs[i].req.finish_reason
-        if self.chat and self.parsers[i].calls:
+        p = self.parsers[i]
+        if self.chat and p.calls and not p.cut:      # a call closed by the parser: the engine's reason
             return "tool_calls"
         return r if r in ("stop", "length") else "stop"
 
@@ -287,13 +287,16 @@ class _Reply:
         entries = [[] for _ in self.jobs]
         try:
             while self.pending:
-                try:
-                    item = await asyncio.wait_for(queue.get(), 1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        self._cancel_all()
-                        return JSONResponse({}, status_code=499)
-                    continue
+                if queue.empty():
+                    try:
+                        item = await asyncio.wait_for(queue.get(), 1.0)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            self._cancel_all()
+                            return JSONResponse({}, status_code=499)
+                        continue
+                else:
+                    item = queue.get_nowait()
                 i = item[0]
                 if item[1] == "done":
                     self.pending -= 1
@@ -310,7 +313,7 @@ class _Reply:
         for i, job in enumerate(self.jobs):
             if self.chat:
                 p = self.parsers[i]
-                msg = aggregate(p.feed(self.text[i]) + p.finish())
+                msg = aggregate(self.pre[i] + p.feed(self.text[i]) + p.finish())
                 message = {"role": "assistant", "content": msg["content"]}
                 if self.plan.thinking_mode or msg["reasoning_content"]:
                     message["reasoning_content"] = msg["reasoning_content"]
@@ -343,24 +346,34 @@ class _Reply:
         try:
             if self.chat:
                 yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None} for i in range(len(self.jobs))])
+                                    "finish_reason": None} for i in range(len(self.jobs))]) + "".join(
+                    self._chunk([{"index": i, "delta": d, "logprobs": None, "finish_reason": None}])
+                    for i in range(len(self.jobs)) for d in self.pre[i])
             elif self.plan.echo:
                 yield self._chunk([{"index": i, "text": self.plan.echo[i // self.plan.n], "logprobs": None,
                                     "finish_reason": None} for i in range(len(self.jobs))])
             while self.pending:
-                try:
-                    first = await asyncio.wait_for(queue.get(), self.s.cfg.keepalive_s)
-                except asyncio.TimeoutError:
-                    yield ": keep-alive\n\n"
-                    continue
+                if queue.empty():
+                    try:
+                        first = await asyncio.wait_for(queue.get(), self.s.cfg.keepalive_s)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"
+                        continue
+                else:
+                    first = queue.get_nowait()
                 items = [first]
                 while not queue.empty():        # one chunk per choice for all tokens at hand
                     items.append(queue.get_nowait())
-                for chunk in self._chunks(items, offsets):
-                    yield chunk
+                chunks = self._chunks(items, offsets)
+                if not self.pending:            # the last chunks, the usage and [DONE] in one write
+                    break
+                if chunks:
+                    yield "".join(chunks)
+            else:
+                chunks = []
             if self.plan.include_usage:
-                yield self._chunk([], self._usage())
-            yield "data: [DONE]\n\n"
+                chunks.append(self._chunk([], self._usage()))
+            yield "".join(chunks) + "data: [DONE]\n\n"
             done = True
         finally:
             if not done:            # the client went away (or the send failed): free the slots

@@ -7,11 +7,14 @@ tokens it has not seen, then returns the int32 bit words [ceil(V/32)] of the tok
 next (after the value is complete: only end-of-sentence). In thinking mode the constraint
 starts after the `</think>` token: until then mask() returns None (no restriction).
 
-`tools_grammar` writes the Lark grammar of the rest of a DSML tool-call block whose opening
-the prompt already holds (tool_choice "required": up to `name="`; a named function: up to
-its `">\n`): each strict function's parameters in schema order (required ones mandatory),
-string parameters as raw text without "<", the others as JSON of their schema; the
-`｜DSML｜` marker is the special token itself.
+`tools_grammar` writes the Lark grammar of a reply with DSML tool calls. With tool_choice
+"required" or a named function the prompt already holds the block's opening (up to `name="`,
+or up to the named function's `">\n`) and the grammar is the rest of the block; with "auto" it
+is either free text, or free text ending in "<" followed by a whole block. Each strict
+function's parameters come in schema order (required ones mandatory), string parameters as
+raw text without "<", the others as JSON of their schema; a function that is not strict takes
+any parameters. The `｜DSML｜` marker is the special token itself; free text can hold neither
+it nor its spelling in plain characters, so every block in the reply is one the grammar wrote.
 """
 from __future__ import annotations
 
@@ -107,11 +110,12 @@ class JsonConstraint:
         return self.buf[0]
 
 
+DSML_TEXT = "｜DSML｜"
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _PARAM_END = '"</" dsml "parameter>\\n"'
 _INVOKE_END = '"</" dsml "invoke>\\n"'
-_STR_TRUE = json.dumps('string="true">')
-_STR_FALSE = json.dumps('string="false">')
+_STR_TRUE_RAW, _STR_FALSE_RAW = 'string="true">', 'string="false">'
+_STR_TRUE, _STR_FALSE = json.dumps(_STR_TRUE_RAW), json.dumps(_STR_FALSE_RAW)
 
 
 def _lit(text: str) -> str:
@@ -130,27 +134,48 @@ def _param_rule(key: str, schema: dict) -> str:
     return f"{head} {_STR_FALSE} %json {json.dumps(schema)} {_PARAM_END}"
 
 
+def _args_rule(k: int, fn: dict, rules: list) -> str:
+    """The rule args{k} of one function (schema-driven when strict, else any parameters)."""
+    if fn.get("strict") is not True:
+        return f"args{k}: anyparam*"
+    params = fn.get("parameters") or {}
+    props = params.get("properties") or {}
+    required = set(params.get("required") or [])
+    parts = []
+    for j, (key, sch) in enumerate(props.items()):
+        if not _NAME.fullmatch(key):
+            raise ValueError(f"strict tools need parameter names of letters, digits, '_', '.', '-': {key[:80]!r}")
+        rules.append(f"p{k}_{j}: " + _param_rule(key, sch if isinstance(sch, dict) else {}))
+        parts.append(f"p{k}_{j}" + ("" if key in required else "?"))
+    return f"args{k}: " + (" ".join(parts) if parts else '""')
+
+
 def tools_grammar(tools: list, choice: str, dsml_id: int) -> str:
-    """Lark grammar for the rest of a tool-call block (see the module docstring); `choice` is
-    "required" or a function name. ValueError for names the grammar cannot hold."""
+    """Lark grammar of the reply (see the module docstring); `choice` is "auto", "required" or a
+    function name. ValueError for names the grammar cannot hold."""
     rules, names = [], []
     for k, t in enumerate(tools):
         fn = t["function"]
         if not _NAME.fullmatch(fn["name"]):
-            raise ValueError(f"strict tools need names of letters, digits, '_', '.', '-': {fn['name'][:80]!r}")
-        params = fn.get("parameters") or {}
-        props = params.get("properties") or {}
-        required = set(params.get("required") or [])
-        parts = []
-        for j, (key, sch) in enumerate(props.items()):
-            if not _NAME.fullmatch(key):
-                raise ValueError(f"strict tools need parameter names of letters, digits, '_', '.', '-': {key[:80]!r}")
-            rules.append(f"p{k}_{j}: " + _param_rule(key, sch if isinstance(sch, dict) else {}))
-            parts.append(f"p{k}_{j}" + ("" if key in required else "?"))
-        rules.append(f"args{k}: " + (" ".join(parts) if parts else '""'))
+            raise ValueError(f"tools with strict ones need names of letters, digits, '_', '.', '-': "
+                             f"{fn['name'][:80]!r}")
+        rules.append(_args_rule(k, fn, rules))
         names.append(fn["name"])
     calls = " | ".join(f"{_lit(n + chr(34) + '>' + chr(10))} args{k}" for k, n in enumerate(names))
-    first = f"({calls}) {_INVOKE_END}" if choice == "required" else f"args{names.index(choice)} {_INVOKE_END}"
-    return "\n".join([f'start: {first} more* "</" dsml "function_calls>"',
+    block = f'({calls}) {_INVOKE_END} more* "</" dsml "function_calls>"'
+    if choice == "auto":
+        start = f'TEXT_FREE | TEXT_LT dsml {_lit("function_calls>" + chr(10) + "<")} dsml ' \
+                f'{_lit("invoke name=" + chr(34))} {block}'
+    elif choice == "required":
+        start = block
+    else:
+        start = f'args{names.index(choice)} {_INVOKE_END} more* "</" dsml "function_calls>"'
+    no_marker = f"~/(?s:.*){DSML_TEXT}(?s:.*)/"
+    return "\n".join([f"start: {start}",
                       f'more: "<" dsml {_lit("invoke name=" + chr(34))} ({calls}) {_INVOKE_END}',
-                      *rules, "TEXT: /[^<]*/", f"dsml: <[{dsml_id}]>"])
+                      f'anyparam: "<" dsml {_lit("parameter name=" + chr(34))} PNAME '
+                      f'({_lit(chr(34) + " " + _STR_TRUE_RAW)} | {_lit(chr(34) + " " + _STR_FALSE_RAW)}) '
+                      f'TEXT {_PARAM_END}',
+                      *rules, "TEXT: /[^<]*/", 'PNAME: /[^"<>]+/',
+                      f"TEXT_FREE: /(?s:.*)/ & {no_marker}", f"TEXT_LT: /(?s:.*)</ & {no_marker}",
+                      f"dsml: <[{dsml_id}]>"])

@@ -1,9 +1,11 @@
 """The engine's own thread, and the server's Prometheus metrics.
 
 `EngineLoop` runs `ServingEngine.step()` on one thread while there is work and sleeps on an
-event otherwise. Jobs are submitted from the asyncio thread; tokens come back through
-`loop.call_soon_threadsafe` onto each job's asyncio queue as ("token", id, text, logprob,
-top) items, followed by one ("done",) item once the engine has finished the request.
+event otherwise. Jobs are submitted from the asyncio thread; tokens come back onto each job's
+asyncio queue as (choice, "token", id, text, logprob, top) items, followed by one (choice,
+"done") item once the engine has finished the request. Items are collected during a step and
+handed over after it, all jobs' at once (one `loop.call_soon_threadsafe` per step, not one per
+token: every event-loop wake-up costs the engine thread the interpreter lock for a while).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class Job:
         self.t_submit = time.perf_counter()
         self.t_last = None
         self.finished = False
+        self.out: list = []             # items not yet handed to the event loop (engine thread only)
         req.on_token = self._on_token
 
     def _on_token(self, r: Request, token: int, piece: str) -> None:        # engine thread
@@ -40,11 +43,29 @@ class Job:
             piece = ""                  # the end-of-sentence token is not part of the reply text
         lp = r.token_logprobs[-1] if r.logprobs and r.token_logprobs else None
         top = r.top_logprobs[-1] if r.logprobs and r.top_logprobs else None
-        self.aloop.call_soon_threadsafe(self.queue.put_nowait, (self.choice, "token", token, piece, lp, top))
+        self.out.append((self.choice, "token", token, piece, lp, top))
 
     def post_done(self) -> None:                                            # engine thread
         self.metrics.observe("e2e", time.perf_counter() - self.t_submit)
-        self.aloop.call_soon_threadsafe(self.queue.put_nowait, (self.choice, "done"))
+        self.out.append((self.choice, "done"))
+
+
+def _put_all(batch: list) -> None:
+    """On the event loop: every (queue, items) of one engine step onto its queue."""
+    for queue, items in batch:
+        for item in items:
+            queue.put_nowait(item)
+
+
+def hand_over(jobs) -> None:
+    """Engine thread: the jobs' collected items to their event loops, one call per loop."""
+    by_loop: dict = {}
+    for j in jobs:
+        if j.out:
+            items, j.out = j.out, []
+            by_loop.setdefault(j.aloop, []).append((j.queue, items))
+    for aloop, batch in by_loop.items():
+        aloop.call_soon_threadsafe(_put_all, batch)
 
 
 class EngineLoop:
@@ -72,9 +93,14 @@ class EngineLoop:
         """engine.submit (may raise QueueFull / ValueError), then wake the thread."""
         if self.failed is not None:
             raise RuntimeError(f"the engine stopped: {self.failed!r}")
-        self.engine.submit(job.req)
-        with self._lock:
+        with self._lock:                 # listed first: its tokens are handed over from the next step on
             self._jobs.append(job)
+        try:
+            self.engine.submit(job.req)
+        except BaseException:
+            with self._lock:
+                self._jobs.remove(job)
+            raise
         self._wake.set()
 
     def cancel(self, job: Job) -> None:
@@ -84,10 +110,12 @@ class EngineLoop:
 
     def _reap(self) -> None:
         with self._lock:
-            done = [j for j in self._jobs if j.req.done.is_set()]
-            self._jobs = [j for j in self._jobs if not j.req.done.is_set()]
-        for j in done:
-            j.post_done()
+            jobs = list(self._jobs)
+            self._jobs = [j for j in jobs if not j.req.done.is_set()]
+        for j in jobs:
+            if j.req.done.is_set():
+                j.post_done()
+        hand_over(jobs)
 
     def _run(self) -> None:
         eng = self.engine
@@ -108,6 +136,7 @@ class EngineLoop:
             for j in jobs:
                 j.req.finish_reason = j.req.finish_reason or "error"
                 j.post_done()
+            hand_over(jobs)
 
 
 class Metrics:

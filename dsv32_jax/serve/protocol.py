@@ -2,12 +2,12 @@
 
 Every rejection is an `ApiError`, rendered as OpenAI error JSON
 ``{"error": {"message", "type", "param", "code"}}`` naming the offending field.
-Parameters that the engine cannot honour are accepted and documented here:
-presence_penalty / frequency_penalty (range-checked, no effect: sampling runs on the device
-without a token-count history), user. response_format json_object / json_schema is both
+presence_penalty / frequency_penalty ([-2, 2]) are applied on the device over the tokens each
+request generates (in thinking mode they are accepted and have no effect, as DeepSeek's API
+does); `user` is accepted and ignored. response_format json_object / json_schema is both
 written into the prompt (as the official V3.2 encoding does) and enforced by token masks
-(constrain.py); so are `strict` tools when tool_choice is "required" or names a function (with
-"auto" the model may answer in prose, and strict is not enforced).
+(constrain.py); so are `strict` tools (with tool_choice "auto" the reply is free text or text
+followed by a call block whose strict calls follow their schemas).
 """
 from __future__ import annotations
 
@@ -129,8 +129,7 @@ def common(body: dict, cfg) -> dict:
         if not isinstance(so, dict):
             raise bad("stream_options", "expected an object")
         include_usage = get_bool(so, "include_usage")
-    for key in ("presence_penalty", "frequency_penalty"):
-        get_num(body, key, -2.0, 2.0, 0.0)
+    penalties = {key: get_num(body, key, -2.0, 2.0, 0.0) for key in ("presence_penalty", "frequency_penalty")}
     if body.get("user") is not None and not isinstance(body.get("user"), str):
         raise bad("user", "expected a string")
     top_k = get_int(body, "top_k", -1, 1 << 31, 0)
@@ -138,7 +137,7 @@ def common(body: dict, cfg) -> dict:
     return dict(stream=stream, include_usage=include_usage, stop=get_stop(body), n=get_int(body, "n", 1, MAX_N, 1),
                 sampling=dict(temperature=get_num(body, "temperature", 0.0, 2.0, cfg.temperature),
                               top_p=get_num(body, "top_p", 0.0, 1.0, cfg.top_p, lo_open=True),
-                              top_k=max(top_k, 0), seed=None if seed is None else seed % (1 << 32)))
+                              top_k=max(top_k, 0), seed=None if seed is None else seed % (1 << 32), **penalties))
 
 
 def model_name(body: dict, served: list) -> str:
@@ -288,6 +287,8 @@ def chat_plan(body: dict, cfg, tok) -> Plan:
         else:
             msgs.insert(0, {"role": "system", "content": "", **extra})
     mode = "thinking" if thinking else "chat"
+    if thinking:                     # accepted without effect in thinking mode (DeepSeek's API)
+        c["sampling"].update(presence_penalty=0.0, frequency_penalty=0.0)
     try:
         text = encode_messages(msgs, thinking_mode=mode)
     except Exception as e:        # any malformed conversation is the client's error
@@ -322,9 +323,11 @@ def chat_plan(body: dict, cfg, tok) -> Plan:
             grammar = cfg.grammars.grammar(rf)
         except ValueError as e:
             raise bad("response_format", str(e)) from None
-    if forced and any(t["function"].get("strict") is True for t in tools):
+    if tools and choice != "none" and any(t["function"].get("strict") is True for t in tools):
         if cfg.grammars is None:
             raise bad("tools", "strict tools need the llguidance package on the server")
+        if grammar is not None:
+            raise bad("response_format", "response_format cannot be combined with strict tools")
         from dsv32_jax.serve.constrain import tools_grammar
         try:
             grammar = cfg.grammars.lark(tools_grammar(tools, choice, tok.token_to_id("｜DSML｜")))

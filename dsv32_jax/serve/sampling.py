@@ -14,6 +14,10 @@ never on which other requests share the batch, nor on the path taken. The kept s
 among the `candidates` largest logits (lax.top_k, not a sort of the 129,280-entry vocabulary)
 when every restricted row's top_k fits there and its nucleus mass is reached there; otherwise
 (rare: a flat distribution with top_p close to 1) the step falls back to a full sort.
+
+Presence / frequency penalties (`apply_penalties`, before sampling) use per-row counts of the
+tokens generated so far (`count_tokens`, after it); both skip their [B, V] work when no row
+has a penalty.
 """
 from __future__ import annotations
 
@@ -77,3 +81,28 @@ def token_logprobs(logits, tokens, n: int):
         return chosen, None, None
     vals, ids = jax.lax.top_k(logits, n)
     return chosen, ids.astype(jnp.int32), vals - logz[:, None]
+
+
+def apply_penalties(logits, counts, penalty, active):
+    """OpenAI presence / frequency penalties over the tokens each row has generated:
+    logits[t] - presence * (count[t] > 0) - frequency * count[t].
+
+    logits f32 [B, V]; counts int32 [B, V] (times each token was generated); penalty f32 [B, 2]
+    (presence, frequency); active bool [B] (rows that use them). The [B, V] work runs only when
+    some row is active (lax.cond), so batches without penalties pay nothing for them."""
+    def on():
+        c = counts.astype(jnp.float32)
+        pen = penalty[:, :1] * (c > 0) + penalty[:, 1:] * c
+        return jnp.where(active[:, None], logits - pen, logits)
+
+    return jax.lax.cond(jnp.any(active), on, lambda: logits)
+
+
+def count_tokens(counts, tokens, active):
+    """counts int32 [B, V] + one for each active row's token (tokens int32 [B]); only when some
+    row is active (an elementwise one-hot add: no scatter, so sharded rows stay local)."""
+    def on():
+        hit = jnp.arange(counts.shape[-1], dtype=jnp.int32)[None, :] == tokens[:, None]
+        return counts + (hit & active[:, None]).astype(counts.dtype)
+
+    return jax.lax.cond(jnp.any(active), on, lambda: counts)

@@ -23,6 +23,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import math
 import os
 import threading
 from typing import Callable, Sequence
@@ -38,7 +39,7 @@ from dsv32_jax.serve.slots import BLOCK, SlotModel
 
 
 _FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
-           "id")
+           "id", "presence_penalty", "frequency_penalty")
 
 
 def plan_broadcast(halt: bool, inbox: list, cancels: list):
@@ -74,7 +75,9 @@ class Request:
     in (0, 1]; top_k 0 = off; seed: the request's own PRNG stream (None: a random seed).
     stop: strings that end the request (need the engine's tokenizer); stop_token_ids end it
     too (as EOS does). logprobs: also report the chosen token's log-probability (and the
-    engine's top_logprobs most likely ones). on_token(request, token_id, text_piece): called
+    engine's top_logprobs most likely ones). presence_penalty / frequency_penalty: OpenAI's
+    penalties over the tokens the request has generated (logits[t] -= presence * (count[t] > 0)
+    + frequency * count[t]; logprobs stay the model's). on_token(request, token_id, text_piece): called
     from the engine's thread for each new token. constraint: see below (single process only).
     """
     prompt: Sequence[int]
@@ -87,6 +90,8 @@ class Request:
     stop_token_ids: Sequence[int] = ()
     logprobs: bool = False
     on_token: Callable | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     id: str = ""
     # constrained decoding: an object whose mask(tokens) gives the int32 bit words [ceil(V/32)]
     # of the tokens allowed next after `tokens` (the request's tokens so far), or None for no
@@ -110,6 +115,10 @@ class Request:
             raise ValueError(f"prompt ({len(self.prompt)} tokens) + max_tokens ({self.max_tokens}) exceeds the "
                              f"context of {max_len} tokens")
         check_sampling(self.temperature, self.top_p, self.top_k)
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
 
     @property
     def prompt_tokens(self) -> int:
@@ -264,7 +273,8 @@ class ServingEngine:
                                           self._lane_array(zeros), self._lane_array(zeros), self._h)
         free = next(s for lane_free in self._free for s in lane_free)
         res = sm._insert(sm.state, self.slots, jnp.int32(free), self._h, jnp.int32(0), jnp.int32(1), jnp.int32(1),
-                         jnp.float32(0), jnp.float32(1), jnp.int32(0), jnp.zeros((2,), jnp.uint32), self.eos)
+                         jnp.float32(0), jnp.float32(1), jnp.int32(0), jnp.zeros((2,), jnp.uint32),
+                         jnp.zeros((2,), jnp.float32), self.eos)
         self.slots = sm._release(res[0], jnp.int32(free))
         self.slots = sm._decode(sm.state, self.slots, self.eos)[0]
         if self.pool is not None:        # load then save: entry 0 gets back what it held
@@ -384,7 +394,8 @@ class ServingEngine:
         # the engine's EOS ids stop a row on the device; a request's own stop ids on the host
         args = (sm.state, self.slots, jnp.int32(a.slot), self._h, jnp.int32(lane), jnp.int32(len(r.prompt)),
                 jnp.int32(r.max_tokens), jnp.float32(r.temperature), jnp.float32(r.top_p),
-                jnp.int32(r.top_k), jnp.asarray(jax.random.key_data(jax.random.key(r.seed)), jnp.uint32), self.eos)
+                jnp.int32(r.top_k), jnp.asarray(jax.random.key_data(jax.random.key(r.seed)), jnp.uint32),
+                jnp.asarray([r.presence_penalty, r.frequency_penalty], jnp.float32), self.eos)
         mask = None if r.constraint is None else r.constraint.mask([])
         res = sm._insert(*args) if mask is None else sm._insert_masked(*args, jnp.asarray(mask, jnp.int32))
         self.slots = res[0]

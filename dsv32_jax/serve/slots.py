@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
-from dsv32_jax.serve.sampling import sample_rows, token_logprobs
+from dsv32_jax.serve.sampling import apply_penalties, count_tokens, sample_rows, token_logprobs
 
 BLOCK = 64            # prefix-cache unit, as DeepSeek's API
 
@@ -50,7 +50,9 @@ class Slots:
     caches: list of LayerCache [S, max_len, ...]; tokens int32 [S] (last sampled token, not yet
     in the cache); positions int32 [S] (its position); live bool [S]; count int32 [S] (tokens
     generated); max_new int32 [S]; temperature, top_p f32 [S]; top_k int32 [S];
-    seeds uint32 [S, 2] (key data of each request's PRNG stream).
+    seeds uint32 [S, 2] (key data of each request's PRNG stream); penalty f32 [S, 2] (presence,
+    frequency: OpenAI's penalties); counts int32 [S, V] (times each token was generated, kept
+    up to date only for rows with a penalty).
     """
     caches: list
     tokens: jax.Array
@@ -62,6 +64,13 @@ class Slots:
     top_p: jax.Array
     top_k: jax.Array
     seeds: jax.Array
+    penalty: jax.Array
+    counts: jax.Array
+
+
+def _penalised(sl):
+    """bool [S]: rows that use presence / frequency penalties."""
+    return jnp.any(sl.penalty != 0, axis=-1)
 
 
 def _row_keys(seeds, count):
@@ -173,7 +182,8 @@ class SlotModel:
             h = jnp.where(((rel >= 0) & (rel < c))[:, None], pick, h)
             return dataclasses.replace(slots, caches=put_rows(slots.caches, row, lane_slots)), h
 
-        def insert_impl(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, eos, mask):
+        def insert_impl(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, penalty, eos,
+                        mask):
             """Arm `slot` with the request whose prompt's final hidden state is h[lane]."""
             m = nnx.merge(gd, state)
             logits = m.logits(host_view(h)[lane][None])
@@ -187,18 +197,21 @@ class SlotModel:
                 slots, tokens=_set_row(slots.tokens, slot, tok[0]), positions=_set_row(slots.positions, slot, length),
                 live=_set_row(slots.live, slot, ~done), count=_set_row(slots.count, slot, 1),
                 max_new=_set_row(slots.max_new, slot, max_new), temperature=_set_row(slots.temperature, slot, temperature),
-                top_p=_set_row(slots.top_p, slot, top_p), top_k=_set_row(slots.top_k, slot, top_k), seeds=seeds)
+                top_p=_set_row(slots.top_p, slot, top_p), top_k=_set_row(slots.top_k, slot, top_k), seeds=seeds,
+                penalty=_set_row(slots.penalty, slot, penalty),
+                counts=_set_row(slots.counts, slot, (jnp.arange(slots.counts.shape[-1]) == tok[0]).astype(jnp.int32)))
             extra = (host_view(top_ids[0]), host_view(top_lp[0])) if n_lp else ()
             return slots, host_view(tok[0]), host_view(lp[0]), host_view(done), *extra
 
-        def insert(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, eos):
-            return insert_impl(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, eos,
-                               None)
+        def insert(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, penalty, eos):
+            return insert_impl(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, penalty,
+                               eos, None)
 
-        def insert_masked(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, eos, mask):
+        def insert_masked(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, penalty, eos,
+                          mask):
             """insert, the first token drawn among those `mask` (int32 [W] bits) allows."""
-            return insert_impl(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, eos,
-                               mask)
+            return insert_impl(state, slots, slot, h, lane, length, max_new, temperature, top_p, top_k, seed, penalty,
+                               eos, mask)
 
         def decode_impl(state, slots, eos, masks, steps):
             m = nnx.merge(gd, state)
@@ -219,7 +232,9 @@ class SlotModel:
                     h, _, caches = m.hidden(sl.tokens[:, None], pos[:, None], sl.caches)
                     logits = m.logits(h[:, 0])
                 keys = _row_keys(sl.seeds, sl.count)
-                masked = logits if masks is None else apply_token_mask(logits, masks)
+                pen = _penalised(sl) & sl.live
+                masked = apply_penalties(logits.astype(jnp.float32), sl.counts, sl.penalty, pen)
+                masked = masked if masks is None else apply_token_mask(masked, masks)
                 nxt = sample_rows(masked, keys, sl.temperature, sl.top_p, sl.top_k, candidates=candidates)
                 lp, top_ids, top_lp = token_logprobs(logits, nxt, n_lp)
                 live = sl.live
@@ -231,7 +246,8 @@ class SlotModel:
                 count = sl.count + live.astype(jnp.int32)
                 finished = live & (jnp.isin(nxt, eos) | (count >= sl.max_new))
                 sl = dataclasses.replace(sl, caches=caches, tokens=nxt, positions=sl.positions + live.astype(jnp.int32),
-                                         live=live & ~finished, count=count)
+                                         live=live & ~finished, count=count,
+                                         counts=count_tokens(sl.counts, nxt, pen))
                 return i + 1, sl, out, lps, tops
 
             i, slots, out, lps, tops = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, out, lps, tops))
@@ -304,11 +320,12 @@ class SlotModel:
         def fields():                      # distinct buffers: the state is donated to every call
             i32 = lambda: jnp.zeros((s,), jnp.int32)      # noqa: E731
             return (i32(), i32(), jnp.zeros((s,), bool), i32(), i32(), jnp.zeros((s,), jnp.float32),
-                    jnp.ones((s,), jnp.float32), i32(), jnp.zeros((s, 2), jnp.uint32))
+                    jnp.ones((s,), jnp.float32), i32(), jnp.zeros((s, 2), jnp.uint32), jnp.zeros((s, 2), jnp.float32),
+                    jnp.zeros((s, self.cfg.vocab_size), jnp.int32))
 
         out = None
         if self.batch_axes is not None:
-            out = tuple(NamedSharding(self.mesh, PS(self.batch_axes, *([None] * n))) for n in (0,) * 8 + (1,))
+            out = tuple(NamedSharding(self.mesh, PS(self.batch_axes, *([None] * n))) for n in (0,) * 8 + (1, 1, 1))
         return Slots(caches, *jax.jit(fields, out_shardings=out)())
 
     def lane_of(self, slot: int) -> int:

@@ -19,11 +19,15 @@ pieces split anywhere (even inside a marker) and returns deltas:
     {"tool_calls": [{"index", "function": {"arguments": str}}]}                      argument fragments
 
 Text that may be the start of a marker is held back until it is known not to be one, so the
-deltas of any split of a text concatenate to the deltas of the text fed whole. A call is
-emitted once its ``</｜DSML｜invoke>`` arrives and it parses (header, then one fragment per
-parameter, then the closing brace), so a call that arrives whole in one piece is not lost.
-Malformed DSML (anything that cannot continue a valid block, or a block left open at the
-end) is returned as content and logged as a warning; calls parsed before it are kept.
+deltas of any split of a text concatenate to the deltas of the text fed whole. A call's header
+delta goes out as soon as its ``<｜DSML｜invoke name="...">`` is complete; its arguments follow
+as they arrive: ``{"KEY": `` once a parameter's opening tag is complete, a string value's
+characters (JSON-escaped) as they come, a non-string value once its closing tag arrives (a
+value that is not valid JSON is passed as a string, so the arguments always parse), and the
+closing brace with ``</｜DSML｜invoke>``. A call that arrives whole in one piece gives the same
+deltas merged. Malformed DSML (anything that cannot continue a valid block) is returned as
+content and logged as a warning; a call already started is closed first, so its arguments
+still parse (``cut`` is then set), as is a call left open at the end (output cut off).
 `aggregate(deltas)` folds deltas into one message (the non-streamed reply).
 """
 from __future__ import annotations
@@ -44,11 +48,10 @@ INVOKE_OPEN = f"<{DSML}invoke"
 INVOKE_CLOSE = f"</{DSML}invoke>"
 PARAM_CLOSE = f"</{DSML}parameter>"
 
-_INVOKE = re.compile(
-    rf'{re.escape(INVOKE_OPEN)}\s+name="([^"<>]*)">\s*((?:<{DSML}parameter\s+name="[^"<>]*"\s+string="(?:true|false)">'
-    rf'.*?{re.escape(PARAM_CLOSE)}\s*)*){re.escape(INVOKE_CLOSE)}', re.DOTALL)
-_PARAM = re.compile(rf'<{DSML}parameter\s+name="([^"<>]*)"\s+string="(true|false)">(.*?){re.escape(PARAM_CLOSE)}\s*',
-                    re.DOTALL)
+PARAM_OPEN = f"<{DSML}parameter"
+_INVOKE_HEAD = re.compile(rf'{re.escape(INVOKE_OPEN)}\s+name="([^"<>]*)">')
+_PARAM_HEAD = re.compile(rf'{re.escape(PARAM_OPEN)}\s+name="([^"<>]*)"\s+string="(true|false)">')
+_HEAD_MAX = 512             # a tag whose ">" has not come within this many characters is malformed
 
 
 def new_call_id() -> str:
@@ -63,17 +66,19 @@ def _partial_suffix(text: str, marker: str) -> int:
     return 0
 
 
-def _param_json(key: str, value: str, is_str: bool) -> str:
-    """One `"key": value` item of the arguments object; a non-string value that is not valid
-    JSON is passed as a string so that the arguments always parse."""
-    if not is_str:
-        v = value.strip()
-        try:
-            json.loads(v)
-            return f"{json.dumps(key, ensure_ascii=False)}: {v}"
-        except ValueError:
-            pass
-    return f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False)}"
+def _esc(text: str) -> str:
+    """JSON string escaping without the quotes (per character, so pieces escape independently)."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def _json_value(value: str) -> str:
+    """A non-string parameter's value as JSON: the value itself when it parses, else a string."""
+    v = value.strip()
+    try:
+        json.loads(v)
+        return v
+    except ValueError:
+        return json.dumps(value, ensure_ascii=False)
 
 
 class StreamParser:
@@ -88,7 +93,11 @@ class StreamParser:
         self.buf = ""               # text not yet turned into deltas
         self.calls = 0              # tool calls emitted
         self.malformed = False
+        self.cut = False            # a call was closed by the parser (malformed or cut-off output)
         self.gap = ""               # the whitespace between the content and a block (put back if malformed)
+        self.call_open = False      # inside an invoke whose header went out
+        self.nparams = 0            # parameters of the open call so far
+        self.param = None           # (key, is_string) of the parameter whose value is arriving
 
     # ------------------------------------------------------------------ public
     def feed(self, piece: str) -> list[dict]:
@@ -100,6 +109,10 @@ class StreamParser:
     def finish(self) -> list[dict]:
         out: list[dict] = []
         self._run(out, final=True)
+        if self.state == "tools" and self.call_open:
+            self._close_call(out, "the tool call is cut off")
+            if any(m.startswith(self.buf.strip()) for m in (INVOKE_CLOSE, PARAM_OPEN, CALLS_CLOSE)):
+                self.buf = ""                  # a tag cut off with the output
         if self.state == "tools" and self.buf:
             if self.buf.strip() and not (self.calls and CALLS_CLOSE.startswith(self.buf.strip())):
                 self._malformed(out, "the tool-call block is not closed")
@@ -149,28 +162,95 @@ class StreamParser:
         self.buf = self.buf[len(head) - ws:]
 
     def _tools(self, out, final):
+        if self.param is not None:
+            self._value(out, final)
+            return
         s = self.buf.lstrip()
         if not s:
+            return
+        if self.call_open:
+            self._in_call(out, s)
             return
         if s.startswith(CALLS_CLOSE):
             self.buf = s[len(CALLS_CLOSE):]
             self.state = "after"
             return
         if s.startswith(INVOKE_OPEN):
-            end = s.find(INVOKE_CLOSE)
-            if end < 0:
-                return                                     # wait for the rest of the call
-            end += len(INVOKE_CLOSE)
-            m = _INVOKE.fullmatch(s, 0, end)
-            if m is None:
-                self._malformed(out, f"malformed tool call {s[:end][:200]!r}")
-                return
-            self._emit_call(out, m.group(1), m.group(2))
-            self.buf = s[end:]
+            m = self._head(out, s, _INVOKE_HEAD)
+            if m is not None:
+                idx = self.calls
+                self.calls += 1
+                out.append({"tool_calls": [{"index": idx, "id": self.call_id(), "type": "function",
+                                            "function": {"name": m.group(1), "arguments": ""}}]})
+                self.call_open, self.nparams = True, 0
             return
         if CALLS_CLOSE.startswith(s) or INVOKE_OPEN.startswith(s):
             return                                         # a marker still arriving
         self._malformed(out, f"unexpected text in a tool-call block: {s[:200]!r}")
+
+    def _head(self, out, s: str, pattern):
+        """The complete opening tag at the start of s, matched (consumed), or None: still
+        arriving (nothing consumed) or malformed (handled)."""
+        end = s.find(">")
+        lt = s.find("<", 1)
+        if end < 0 and lt < 0 and len(s) < _HEAD_MAX:
+            return None
+        m = pattern.fullmatch(s, 0, end + 1) if end >= 0 and (lt < 0 or lt > end) else None
+        if m is None:
+            if self.call_open:
+                self._close_call(out, f"malformed tool call {s[:200]!r}")
+            self._malformed(out, f"malformed tool call {s[:200]!r}")
+            return None
+        self.buf = s[end + 1:]
+        return m
+
+    def _in_call(self, out, s: str) -> None:
+        if s.startswith(INVOKE_CLOSE):
+            self._args(out, "}" if self.nparams else "{}")
+            self.call_open = False
+            self.buf = s[len(INVOKE_CLOSE):]
+            return
+        if s.startswith(PARAM_OPEN):
+            m = self._head(out, s, _PARAM_HEAD)
+            if m is not None:
+                key, is_str = m.group(1), m.group(2) == "true"
+                self._args(out, ("{" if not self.nparams else ", ") + json.dumps(key, ensure_ascii=False) + ": "
+                           + ('"' if is_str else ""))
+                self.param = (key, is_str)
+            return
+        if INVOKE_CLOSE.startswith(s) or PARAM_OPEN.startswith(s):
+            return
+        self._close_call(out, f"unexpected text in a tool call: {s[:200]!r}")
+        self._malformed(out, f"unexpected text in a tool call: {s[:200]!r}")
+
+    def _value(self, out, final) -> None:
+        """A parameter's value: string characters as they come, other values once closed."""
+        _, is_str = self.param
+        i = self.buf.find(PARAM_CLOSE)
+        if i >= 0:
+            value, self.buf = self.buf[:i], self.buf[i + len(PARAM_CLOSE):]
+            self._args(out, _esc(value) + '"' if is_str else _json_value(value))
+            self.param = None
+            self.nparams += 1
+        elif is_str:
+            keep = 0 if final else _partial_suffix(self.buf, PARAM_CLOSE)
+            self._args(out, _esc(self.buf[:len(self.buf) - keep]))
+            self.buf = self.buf[len(self.buf) - keep:]
+
+    def _args(self, out, fragment: str) -> None:
+        if fragment:
+            out.append({"tool_calls": [{"index": self.calls - 1, "function": {"arguments": fragment}}]})
+
+    def _close_call(self, out, why: str) -> None:
+        """Close the open call so that its arguments parse (a value still arriving ends here)."""
+        log.warning("tool call closed early: %s", why)
+        if self.param is not None:
+            _, is_str = self.param
+            self._args(out, _esc(self.buf) + '"' if is_str else _json_value(self.buf))
+            self.buf, self.param = "", None
+            self.nparams += 1
+        self._args(out, "}" if self.nparams else "{}")
+        self.call_open, self.cut = False, True
 
     def _after(self, out, final):
         """After the block: only whitespace is expected; anything else is content."""
@@ -183,16 +263,6 @@ class StreamParser:
         self.buf = ""
 
     # ------------------------------------------------------------------ helpers
-    def _emit_call(self, out, name: str, body: str) -> None:
-        idx = self.calls
-        self.calls += 1
-        out.append({"tool_calls": [{"index": idx, "id": self.call_id(), "type": "function",
-                                    "function": {"name": name, "arguments": ""}}]})
-        items = [_param_json(k, v, t == "true") for k, t, v in _PARAM.findall(body)]
-        frags = ["{" + items[0]] + [", " + it for it in items[1:]] + ["}"] if items else ["{}"]
-        for f in frags:
-            out.append({"tool_calls": [{"index": idx, "function": {"arguments": f}}]})
-
     def _malformed(self, out, why: str) -> None:
         log.warning("tool-call output returned as content: %s", why)
         self.malformed = True
@@ -214,9 +284,22 @@ def _merge(deltas: list) -> list:
         if merged and len(d) == 1 and "tool_calls" not in d and list(merged[-1]) == list(d):
             k = next(iter(d))
             merged[-1] = {k: merged[-1][k] + d[k]}
+        elif merged and _fragment(d) is not None and _fragment(merged[-1]) is not None \
+                and d["tool_calls"][0]["index"] == merged[-1]["tool_calls"][0]["index"]:
+            idx = d["tool_calls"][0]["index"]
+            merged[-1] = {"tool_calls": [{"index": idx, "function": {
+                "arguments": _fragment(merged[-1]) + _fragment(d)}}]}
         else:
             merged.append(d)
     return merged
+
+
+def _fragment(d: dict) -> str | None:
+    """The arguments of an argument-fragment delta (not a header), else None."""
+    tcs = d.get("tool_calls")
+    if not tcs or len(tcs) != 1 or "id" in tcs[0]:
+        return None
+    return tcs[0]["function"]["arguments"]
 
 
 def aggregate(deltas: list) -> dict:

@@ -114,6 +114,23 @@ def test_token_id_prompt_gives_engine_tokens(live):
     assert all(len(t) <= 2 for t in c.choices[0].logprobs.top_logprobs)
 
 
+def test_penalties_reach_the_engine(live):
+    """presence / frequency penalties in a request give what the engine gives with them (and not
+    the unpenalised tokens: negative ones, since the random model repeats no token unprompted);
+    in thinking mode they are accepted and have no effect."""
+    tok, eng = live["tok"], live["engine"]
+    c = live["client"].completions.create(model="deepseek-chat", prompt=DIRECT_IDS, max_tokens=10, temperature=0,
+                                          presence_penalty=-2.0, frequency_penalty=-2.0)
+    want = eng.submit(Request(DIRECT_IDS, max_tokens=10, temperature=0.0, presence_penalty=-2.0,
+                              frequency_penalty=-2.0))
+    assert want.done.wait(60)
+    assert want.tokens != live["direct"].tokens
+    assert c.choices[0].text == tok.decode([t for t in want.tokens if t != tok.eos_id])
+    plain = _chat(live, "Hi", max_tokens=6, model="deepseek-reasoner")
+    pen = _chat(live, "Hi", max_tokens=6, model="deepseek-reasoner", presence_penalty=-2.0, frequency_penalty=-2.0)
+    assert pen.choices[0].message.reasoning_content == plain.choices[0].message.reasoning_content
+
+
 def test_streamed_equals_whole(live):
     whole = _chat(live, "Tell me about sparse attention.")
     content, reasoning, finish, usage = _collect(_chat(live, "Tell me about sparse attention.", stream=True,
@@ -271,6 +288,58 @@ def test_strict_tool_call(live):
             finish = (ch.choices[0].finish_reason if ch.choices else None) or finish
         assert heads == [(i, c.function.name) for i, c in enumerate(msg.tool_calls)] and finish == "tool_calls"
         assert [frags[i] for i in range(len(heads))] == [c.function.arguments for c in msg.tool_calls]
+
+
+class _Steered:
+    """A request constraint that forces its first tokens (a model deciding to call a tool), each
+    checked against the grammar's own mask, then leaves the reply to the grammar alone."""
+
+    def __init__(self, inner, script, vocab):
+        self.inner, self.script, self.words = inner, script, -(-vocab // 32)
+
+    def mask(self, tokens):
+        m = self.inner.mask(tokens)
+        if len(tokens) >= len(self.script):
+            return m
+        t = self.script[len(tokens)]
+        assert m is None or (int(m[t // 32]) >> (t % 32)) & 1, "the grammar refuses the scripted token"
+        out = np.zeros(self.words, np.uint32)
+        out[t // 32] = np.uint32(1 << (t % 32))
+        return out.view(np.int32)
+
+
+def test_strict_tools_with_auto(live):
+    """tool_choice "auto" with a strict tool: the grammar allows plain content (the random model
+    answers in prose, with no DSML in it) or text then a call block. In thinking mode, with the
+    reasoning and the block's opening forced (the constraint starts after </think>), the model
+    writes the rest of the call under the masks: it parses, and its arguments follow the schema
+    (enums and booleans: unbounded values such as integers can run on forever with random weights)."""
+    from dsv32_jax.serve.protocol import chat_plan
+    from dsv32_jax.serve.stream_parse import parse_text
+
+    tools = [{"type": "function", "function": {"name": "set_light", "strict": True, "parameters": {
+        "type": "object", "properties": {"on": {"type": "boolean"}, "room": {"enum": ["hall", "kitchen"]},
+                                         "level": {"enum": ["low", "high"]}}, "required": ["on", "room", "level"]}}}]
+    r = _chat(live, "Lights!", tools=tools, max_tokens=10)
+    msg = r.choices[0].message
+    assert msg.content and not msg.tool_calls and "DSML" not in msg.content
+    tok, eng, server = live["tok"], live["engine"], live["server"]
+    body = {"model": "deepseek-reasoner", "tools": tools, "messages": [{"role": "user", "content": "Lights!"}]}
+    plan = chat_plan(body, server.cfg, tok)
+    assert plan.grammar is not None and plan.thinking
+    inner = server.cfg.grammars.constraint(plan.grammar, server.cfg.think_end_id)
+    script = tok.encode("Hm.") + [server.cfg.think_end_id] + tok.encode("On it.\n\n<") + [tok.token_to_id("｜DSML｜")]
+    req = eng.submit(Request(plan.prompts[0], max_tokens=120, temperature=0.0,
+                             constraint=_Steered(inner, script, server.cfg.vocab_size)))
+    assert req.done.wait(120)
+    assert req.tokens[-1] == tok.eos_id and req.finish_reason == "stop", tok.decode(req.tokens)   # grammar ended it
+    msg = parse_text(tok.decode(req.tokens[:-1]), True, True)
+    assert (msg["reasoning_content"], msg["content"]) == ("Hm.", "On it.")
+    assert msg["tool_calls"] and all(c["function"]["name"] == "set_light" for c in msg["tool_calls"])
+    for c in msg["tool_calls"]:
+        args = json.loads(c["function"]["arguments"])
+        assert set(args) == {"on", "room", "level"} and isinstance(args["on"], bool)
+        assert args["room"] in ("hall", "kitchen") and args["level"] in ("low", "high")
 
 
 def test_prefix_cache_hit(live):

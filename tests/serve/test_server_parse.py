@@ -48,29 +48,32 @@ def _check(msg, reasoning, content, calls):
 
 @pytest.mark.parametrize("name", list(RECORDED))
 def test_every_split_point(name):
-    """Fed whole, in two pieces split at every character, and one character at a time."""
+    """Fed whole, in two pieces split at every character, and one character at a time: the same
+    reply, argument strings equal character for character."""
     text, thinking, reasoning, content, calls = RECORDED[name]
-    _check(parse_text(text, thinking, True, _ids()), reasoning, content, calls)
+    whole = parse_text(text, thinking, True, _ids())
+    _check(whole, reasoning, content, calls)
     for i in range(len(text) + 1):
         p = StreamParser(thinking, True, _ids())
-        _check(aggregate(p.feed(text[:i]) + p.feed(text[i:]) + p.finish()), reasoning, content, calls)
+        assert aggregate(p.feed(text[:i]) + p.feed(text[i:]) + p.finish()) == whole, i
     p = StreamParser(thinking, True, _ids())
     deltas = [d for ch in text for d in p.feed(ch)] + p.finish()
-    _check(aggregate(deltas), reasoning, content, calls)
+    assert aggregate(deltas) == whole
 
 
 def test_every_byte_boundary_of_utf8():
     """Splitting the UTF-8 bytes anywhere (pieces decoded the way the detokenizer holds back
-    partial characters) gives the same reply."""
+    partial characters) gives the same reply: the argument fragments concatenate to the
+    arguments of the text fed whole."""
     text, thinking, reasoning, content, calls = RECORDED["thinking_tools"]
+    whole = parse_text(text, thinking, True, _ids())
     raw = text.encode()
     for i in range(len(raw) + 1):
         j = i
         while j < len(raw) and (raw[j] & 0xC0) == 0x80:     # a character is emitted once complete
             j += 1
         p = StreamParser(thinking, True, _ids())
-        _check(aggregate(p.feed(raw[:j].decode()) + p.feed(raw[j:].decode()) + p.finish()),
-               reasoning, content, calls)
+        assert aggregate(p.feed(raw[:j].decode()) + p.feed(raw[j:].decode()) + p.finish()) == whole, i
 
 
 def test_agrees_with_strict_parser():
@@ -83,25 +86,42 @@ def test_agrees_with_strict_parser():
         [json.loads(c["function"]["arguments"]) for c in ref["tool_calls"]]
 
 
+def _args_of(deltas, index):
+    return "".join(tc["function"]["arguments"] for d in deltas for tc in d.get("tool_calls", ())
+                   if tc["index"] == index and "id" not in tc)
+
+
 def test_stream_delta_shape():
     """A call streams as a header delta (index, id, type, name, empty arguments), then argument
-    fragments that concatenate to the arguments; a call arriving whole in one piece is not lost."""
+    fragments as the text arrives; a call arriving whole in one piece is not lost."""
     text = "Sure." + BLOCK
     p = StreamParser(False, True, _ids())
-    deltas = p.feed(text) + p.finish()
+    deltas = p.feed(text) + p.finish()             # whole: header, then the arguments merged
     assert deltas[0] == {"content": "Sure."}
     head = deltas[1]["tool_calls"][0]
-    assert head == {"index": 0, "id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
-    frags = [d["tool_calls"][0]["function"]["arguments"] for d in deltas[2:] if d["tool_calls"][0]["index"] == 0]
-    assert len(frags) == 4 and json.loads("".join(frags)) == WEATHER_ARGS
-    assert p.calls == 2
+    assert head == {"index": 0, "id": "call_0", "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""}}
+    assert json.loads(_args_of(deltas, 0)) == WEATHER_ARGS and _args_of(deltas, 1) == "{}"
+    assert p.calls == 2 and not p.cut
+    # one character at a time: the header as soon as its tag is complete, then the string value
+    # character by character (JSON-escaped), a non-string value once its closing tag is in
+    p = StreamParser(False, True, _ids())
+    seen, cut = [], text.index('Fr') + 2
+    for k, ch in enumerate(text):
+        seen += p.feed(ch)
+        if k + 1 == text.index('name="get_weather">') + len('name="get_weather">'):
+            assert seen[-1]["tool_calls"][0]["id"] == "call_0" and _args_of(seen, 0) == ""
+        if k + 1 == cut:
+            assert _args_of(seen, 0) == '{"city": "Paris, \\"Fr'
+        if k + 1 == text.index(">3<") + 2:
+            assert _args_of(seen, 0) == '{"city": "Paris, \\"France\\"", "days": '
+    seen += p.finish()
+    assert _args_of(seen, 0) == _args_of(deltas, 0)
 
 
 MALFORMED = [  # (text, content it must come back as)
     (f"Hi\n\n<{D}function_calls>\n<{D}invoke nme=\"x\">\n</{D}invoke>\n</{D}function_calls>",
      f"Hi\n\n<{D}function_calls>\n<{D}invoke nme=\"x\">\n</{D}invoke>\n</{D}function_calls>"),
-    (f"Hi\n\n<{D}function_calls>\n<{D}invoke name=\"x\">\n<{D}parameter name=\"a\" string=\"true\">1",
-     f"Hi\n\n<{D}function_calls>\n<{D}invoke name=\"x\">\n<{D}parameter name=\"a\" string=\"true\">1"),
     (f"\n\n<{D}function_calls>\ngarbage here", f"\n\n<{D}function_calls>\ngarbage here"),
 ]
 
@@ -114,6 +134,31 @@ def test_malformed_is_content(k, caplog):
         msg = aggregate(p.feed(text[:i]) + p.feed(text[i:]) + p.finish())
         assert msg == {"content": content, "reasoning_content": "", "tool_calls": []}, i
     assert "returned as content" in caplog.text
+
+
+CUT = [  # (text, content, [(name, arguments)]): a call started, then cut off or broken
+    (f"Hi\n\n<{D}function_calls>\n<{D}invoke name=\"x\">\n<{D}parameter name=\"a\" string=\"true\">1",
+     "Hi", [("x", '{"a": "1"}')]),
+    (f"<{D}function_calls>\n<{D}invoke name=\"x\">\n<{D}parameter name=\"n\" string=\"false\">12",
+     "", [("x", '{"n": 12}')]),
+    (f"<{D}function_calls>\n<{D}invoke name=\"x\">\n<{D}parameter name=\"a\" string=\"true\">1</{D}parameter>\n"
+     f"</{D}inv", "", [("x", '{"a": "1"}')]),
+    (f"<{D}function_calls>\n<{D}invoke name=\"x\">\nstray text</{D}invoke>", f"\nstray text</{D}invoke>",
+     [("x", "{}")]),
+]
+
+
+@pytest.mark.parametrize("k", range(len(CUT)))
+def test_started_call_is_closed(k, caplog):
+    """A call whose header went out is closed so that its arguments parse (what came of a value
+    is kept); text that cannot continue it is content; every split gives the same reply."""
+    text, content, calls = CUT[k]
+    for i in range(len(text) + 1):
+        p = StreamParser(False, True, _ids())
+        msg = aggregate(p.feed(text[:i]) + p.feed(text[i:]) + p.finish())
+        assert msg["content"] == content and p.cut, i
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]] == calls, i
+    assert "closed early" in caplog.text
 
 
 def test_calls_before_a_malformed_one_are_kept():

@@ -104,6 +104,60 @@ def test_greedy_equals_transformers(eng4, hf_tiny):
         assert r.tokens == out[0, len(r.prompt):].tolist()
 
 
+def _hf_penalised_greedy(hf, prompt, n, presence, frequency):
+    """Plain reference: transformers' logits at each step, OpenAI penalties over the tokens
+    generated so far applied in numpy (float64), argmax."""
+    out = []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = hf(torch.tensor([list(prompt) + out])).logits[0, -1].double().numpy()
+        counts = np.bincount(np.asarray(out, np.int64), minlength=logits.shape[0])[:logits.shape[0]]
+        out.append(int(np.argmax(logits - presence * (counts > 0) - frequency * counts)))
+    return out
+
+
+def test_penalties_equal_numpy_reference(eng4, hf_tiny):
+    """presence / frequency penalties per row: a penalised greedy row equals the numpy reference
+    over transformers' logits (and differs from the unpenalised reply, so the check can fail);
+    a row without penalties decoded beside it gives its plain greedy tokens; a large presence
+    penalty never repeats a token."""
+    hf, _ = hf_tiny
+    pen = _req(12, 19, max_tokens=14, temperature=0.0, presence_penalty=0.4, frequency_penalty=0.6)
+    plain = _req(12, 19, max_tokens=14, temperature=0.0)
+    huge = _req(13, 23, max_tokens=14, temperature=0.0, presence_penalty=1e4)
+    eng4.generate([pen, plain, huge])
+    assert pen.tokens == _hf_penalised_greedy(hf, pen.prompt, 14, 0.4, 0.6)
+    assert plain.tokens == _hf_penalised_greedy(hf, plain.prompt, 14, 0.0, 0.0)
+    assert pen.tokens != plain.tokens
+    assert len(set(huge.tokens)) == len(huge.tokens) == 14
+
+
+def test_penalty_functions_match_numpy():
+    """apply_penalties / count_tokens on a small vocabulary against numpy: exact logits for the
+    active rows, inactive rows untouched (and no work at all when no row is active)."""
+    from dsv32_jax.serve.sampling import apply_penalties, count_tokens
+
+    rs = np.random.RandomState(0)
+    b, v = 4, 11
+    logits = rs.randn(b, v).astype(np.float32)
+    counts = rs.randint(0, 3, (b, v)).astype(np.int32)
+    penalty = rs.uniform(-2, 2, (b, 2)).astype(np.float32)
+    active = np.array([True, False, True, True])
+    got = np.asarray(apply_penalties(jnp.asarray(logits), jnp.asarray(counts), jnp.asarray(penalty),
+                                     jnp.asarray(active)))
+    want = logits - penalty[:, :1] * (counts > 0) - penalty[:, 1:] * counts
+    np.testing.assert_allclose(got[active], want[active], rtol=1e-6, atol=1e-6)   # f32 rounding only
+    np.testing.assert_array_equal(got[~active], logits[~active])
+    none = np.zeros(b, bool)
+    np.testing.assert_array_equal(np.asarray(apply_penalties(jnp.asarray(logits), jnp.asarray(counts),
+                                                             jnp.asarray(penalty), jnp.asarray(none))), logits)
+    toks = np.array([3, 5, 10, 0], np.int32)
+    got = np.asarray(count_tokens(jnp.asarray(counts), jnp.asarray(toks), jnp.asarray(active)))
+    want = counts.copy()
+    want[np.arange(b)[active], toks[active]] += 1
+    np.testing.assert_array_equal(got, want)
+
+
 def test_seeded_request_same_alone_and_among_15(eng16):
     probe = dict(max_tokens=8, temperature=1.0, top_p=0.9, seed=1234)
     alone = _alone(eng16, _req(99, 25, **probe)).tokens
@@ -176,7 +230,7 @@ def test_no_compilation_after_warmup(eng_prefix):
     for i in range(50):
         kw = dict(max_tokens=int(rs.randint(1, 9)), temperature=float(rs.choice([0.0, 0.7, 1.0])),
                   top_k=int(rs.choice([0, 4])), top_p=float(rs.choice([1.0, 0.9])), seed=i,
-                  logprobs=bool(i % 2))
+                  logprobs=bool(i % 2), presence_penalty=0.5 * (i % 5 == 0), frequency_penalty=0.3 * (i % 7 == 0))
         reqs.append(eng_prefix.submit(_req(300 + i % 7, int(rs.randint(1, 150)), **kw)))
         if i % 3 == 0:
             eng_prefix.step()
