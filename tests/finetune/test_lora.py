@@ -192,7 +192,7 @@ def test_fp8_base_stays_frozen_and_merges_via_dequantised_base(tmp_path):
     hf, _ = make_hf_model(tmp_path / "hf", seed=5, num_hidden_layers=2)
     write_release_checkpoint(hf, tmp_path / "rel", block=(32, 32), mtp=False)
     fp8 = dsv32_jax.load(tmp_path / "rel", dtype=jnp.float32, numerics="exact", fp8_weights=True).module
-    assert fp8.layers[0].attn.q_a.kernel.dtype == jnp.float8_e4m3fn
+    assert fp8.stacks[0].block.attn.q_a.kernel.dtype == jnp.float8_e4m3fn
     apply_lora(fp8, LoRAConfig(rank=4, targets=("attn", "experts")))
     before = jax.tree.map(np.asarray, nnx.state(fp8, nnx.Param))
     trainer = Trainer(fp8, TrainHParams(lr=1e-2, steps=3, warmup=1, remat=False))

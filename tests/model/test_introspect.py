@@ -100,7 +100,7 @@ def test_decode_step_of_a_release_dim_fp8_model():
     temps = temporaries(step, state, caches, tok, tok, weight_args=(0,))
     derived = sorted((t for t in temps if t.weight_bytes), key=lambda t: -t.weight_ratio)
     over = {t.weight for t in derived if t.weight_ratio > 0.25}
-    assert over <= {f"['layers'][{i}]['attn']['kv_b']['kernel']" for i in range(2)}, over
+    assert over <= {f"['stacks'][{g}]['block']['attn']['kv_b']['kernel']" for g in range(2)}, over
     rest = [t for t in derived if t.weight not in over]
     experts = max((t for t in rest if "experts" in t.weight), key=lambda t: t.weight_ratio)
     print("largest weight-derived temporary / weight:", derived[0].weight_ratio, derived[0].weight,
