@@ -16,8 +16,9 @@ Targets are chosen by regular expressions over per-layer module paths such as
 `layers.3.attn.q_a`, `layers.3.mlp.shared.up`, `layers.3.mlp.experts` (see TARGET_PRESETS). The
 model stores its decoder layers stacked (dsv32_jax.model.BlockStack), so one wrapper adapts a
 module of every layer of a stack and its factors carry the leading layer axis [n, ...] (scanned
-with the layers); a target must match all layers of a stack or none. The MTP head is never
-adapted. Note: the indexer's inputs are detached from the LM loss (as in the official training),
+with the layers); when a target matches only some layers of a stack (`layers\.[0-3]\..*`), the
+others keep zero-weighted factors that are masked out of the forward, never exported and
+never receive a gradient. The MTP head is never adapted. Note: the indexer's inputs are detached from the LM loss (as in the official training),
 so indexer adapters ("indexer" preset) receive no gradient from the LM loss.
 
 Exports: `merged_module` (base + A @ B * scale, a plain Transformer for `export.save_hf`) and
@@ -60,7 +61,8 @@ class LoRAWeight(nnx.Variable):
 
 
 class LoRALayer(nnx.Variable):
-    """The decoder layer index of each slice of a stacked adapter, int32 [n] (dropout streams)."""
+    """The decoder layer index of each slice of a stacked adapter, int32 [n] (its dropout
+    stream), or -1 where the targets do not adapt that layer (masked out)."""
 
 
 class LoRAKey(nnx.Variable):
@@ -122,8 +124,8 @@ class LoRALinear(nnx.Module):
     reads a weight directly, e.g. MLA's absorbed kv_b; no dropout there).
     """
 
-    def __init__(self, base: Linear, ctx: LoRAContext, uid: int, factors: dict):
-        self.base, self.ctx, self.uid = base, ctx, uid
+    def __init__(self, base: Linear, ctx: LoRAContext, uid: int, factors: dict, active: tuple[bool, ...]):
+        self.base, self.ctx, self.uid, self.active = base, ctx, uid, active
         self.in_features, self.out_features = base.in_features, base.out_features
         self.dtype = base.dtype
         self.fp8_block = None
@@ -140,9 +142,9 @@ class LoRALinear(nnx.Module):
                 "lora_b": (lead + (rank, base.out_features), None, None)}
 
     def delta(self):
-        """a @ b * scale, float32 [(n,) in, out]."""
-        return jnp.matmul(self.lora_a[...], self.lora_b[...], precision=jax.lax.Precision.HIGHEST) * \
-            self.ctx.config.scale
+        """a @ b * scale, float32 [(n,) in, out] (zero for layers the targets leave out)."""
+        d = jnp.matmul(self.lora_a[...], self.lora_b[...], precision=jax.lax.Precision.HIGHEST)
+        return d * _scale(self, 2)
 
     def weight(self):
         """Merged kernel [(n,) in, out] in the compute dtype."""
@@ -153,7 +155,18 @@ class LoRALinear(nnx.Module):
         xd = self.ctx.dropout(x, self.uid, self.layer[...]).astype(jnp.float32)
         hi = jax.lax.Precision.HIGHEST
         d = jnp.dot(jnp.dot(xd, self.lora_a[...], precision=hi), self.lora_b[...], precision=hi)
-        return (y.astype(jnp.float32) + d * self.ctx.config.scale).astype(y.dtype)
+        return (y.astype(jnp.float32) + d * _scale(self)).astype(y.dtype)
+
+
+def _scale(wrapper, trailing: int = 0):
+    """alpha / r: a float when every layer of the stack is adapted; else float32 [] inside the
+    scanned layer body ([n] outside, with `trailing` unit dims), 0 where the layer is not
+    adapted (LoRALayer -1)."""
+    scale = wrapper.ctx.config.scale
+    if all(wrapper.active):
+        return scale
+    m = jnp.where(wrapper.layer[...] >= 0, scale, 0.0).astype(jnp.float32)
+    return m.reshape(m.shape + (1,) * trailing)
 
 
 class LoRAExperts(nnx.Module):
@@ -168,8 +181,8 @@ class LoRAExperts(nnx.Module):
     dropout); `weight(name)` returns merged stacks (for export).
     """
 
-    def __init__(self, base: Experts, ctx: LoRAContext, uid: int, factors: dict):
-        self.base, self.ctx, self.uid = base, ctx, uid
+    def __init__(self, base: Experts, ctx: LoRAContext, uid: int, factors: dict, active: tuple[bool, ...]):
+        self.base, self.ctx, self.uid, self.active = base, ctx, uid, active
         factors = dict(factors)
         self.layer = LoRALayer(factors.pop("layer"), axes=(LAYER_AXIS,))
         for name, value in factors.items():
@@ -187,15 +200,16 @@ class LoRAExperts(nnx.Module):
 
     def delta(self, name):
         """A @ B * scale per expert, float32 [(n,) E, in, out]."""
-        return jnp.einsum("...eir,...ero->...eio", getattr(self, name + "_a")[...], getattr(self, name + "_b")[...],
-                          precision=jax.lax.Precision.HIGHEST) * self.ctx.config.scale
+        d = jnp.einsum("...eir,...ero->...eio", getattr(self, name + "_a")[...], getattr(self, name + "_b")[...],
+                       precision=jax.lax.Precision.HIGHEST)
+        return d * _scale(self, 3)
 
     def weight(self, name):
         return (self.base.weight(name).astype(jnp.float32) + self.delta(name)).astype(self.base.dtype)
 
     def _ffn(self, ops, xs, sizes, dropout: bool):
         """SwiGLU with adapters: xs [R, D] rows sorted by expert -> float32 [R, D]."""
-        scale = self.ctx.config.scale
+        scale = _scale(self)
 
         def gmm(a, w):
             return grouped_matmul(a, w, sizes)
@@ -238,24 +252,18 @@ def _layer_modules(model, path) -> list[tuple[tuple, int]]:
     return [(lp[:-1], j) for lp, j in checkpoint_paths(tuple(path) + ("_",), model.cfg)]
 
 
-def find_targets(model, config: LoRAConfig) -> list[tuple[tuple, nnx.Module]]:
-    """(path, module) of every stacked Linear / Experts of `model` whose per-layer dotted paths
-    (`layers.{i}.attn.q_a`, for every layer i of its stack) all fully match a target.
+def _active_layers(model, path, pats) -> tuple[bool, ...]:
+    """Per layer of the stacked module at `path`: does a target match its per-layer path?"""
+    return tuple(any(p.fullmatch(_path_str(lp)) for p in pats) for lp, _ in _layer_modules(model, path))
 
-    Raises ValueError when a target matches some layers of a stack but not all."""
+
+def find_targets(model, config: LoRAConfig) -> list[tuple[tuple, nnx.Module]]:
+    """(path, module) of every stacked Linear / Experts of `model` whose per-layer dotted path
+    (`layers.{i}.attn.q_a`) fully matches a target for at least one layer i of its stack."""
     pats = config.patterns()
-    out = []
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, (Linear, Experts)) and path and path[0] == "stacks":
-            names = [_path_str(lp) for lp, _ in _layer_modules(model, path)]
-            hits = [any(p.fullmatch(s) for p in pats) for s in names]
-            if all(hits):
-                out.append((tuple(path), node))
-            elif any(hits):
-                raise ValueError(f"LoRA targets {config.targets} match {names[hits.index(True)]} but not "
-                                 f"{names[hits.index(False)]}: layers {names[0]} .. {names[-1]} are stored "
-                                 "stacked and take adapters together")
-    return out
+    return [(tuple(path), node) for path, node in nnx.iter_graph(model)
+            if isinstance(node, (Linear, Experts)) and path and path[0] == "stacks"
+            and any(_active_layers(model, path, pats))]
 
 
 def _set_child(model, path, value):
@@ -281,10 +289,13 @@ def apply_lora(model, config: LoRAConfig):
     ctx = LoRAContext(config)
     kinds = [LoRAExperts if isinstance(node, Experts) else LoRALinear for _, node in targets]
     inits = tuple(tuple(kind.factor_init(node, config.rank).items()) for kind, (_, node) in zip(kinds, targets))
-    layers = tuple(tuple(i for (_, i), _ in _layer_modules(model, path)) for path, _ in targets)
+    pats = config.patterns()
+    active = [_active_layers(model, path, pats) for path, _ in targets]
+    layers = tuple(tuple(lp[1] if on else -1 for (lp, _), on in zip(_layer_modules(model, path), act))
+                   for (path, _), act in zip(targets, active))
     factors = _init_factors(config.seed, inits, layers, getattr(getattr(model, "options", None), "mesh", None))
     for uid, (kind, (path, node)) in enumerate(zip(kinds, targets)):
-        _set_child(model, path, kind(node, ctx, uid, factors[uid]))
+        _set_child(model, path, kind(node, ctx, uid, factors[uid], active[uid]))
     model.lora = ctx
     return model
 
@@ -296,7 +307,7 @@ def _init_factors(seed: int, inits: tuple, layers: tuple, mesh) -> list[dict]:
     inits: per adapter ((name, (shape, fan_in, fold)), ...) from `factor_init`: A factors
     (fan_in set) are PEFT-uniform from fold_in(key(seed), uid) (further folded with `fold` when
     set), B factors are zeros. layers: per adapter, the decoder layer indices of its stack
-    (stored as its `layer` [n] int32).
+    (stored as its `layer` [n] int32, -1 for layers it leaves out).
     """
     def make():
         key = jax.random.key(seed)
@@ -325,7 +336,8 @@ def adapters(model) -> list[tuple[tuple, nnx.Module]]:
 
 def count_params(model) -> tuple[int, int]:
     """(adapter parameters, base parameters)."""
-    n_lora = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, LoRAWeight)))
+    n_lora = sum(int(np.prod(v.shape)) * sum(w.active) // len(w.active)       # adapted layers only
+                 for _, w in adapters(model) for v in jax.tree.leaves(nnx.state(w, LoRAWeight)))
     n_base = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return n_lora, n_base
 
@@ -369,6 +381,8 @@ def _peft_entries(model, path, wrapper) -> list[tuple[str, str, str, tuple]]:
     cfg = model.cfg
     out = []
     for lp, j in _layer_modules(model, path):
+        if not wrapper.active[j]:
+            continue
         if isinstance(wrapper, LoRALinear):
             name = hf_source(lp + ("kernel",), cfg).names[0]
             out.append((name[: -len(".weight")], "lora_a", "lora_b", (j,)))
