@@ -16,7 +16,7 @@ Targets are chosen by regular expressions over per-layer module paths such as
 `layers.3.attn.q_a`, `layers.3.mlp.shared.up`, `layers.3.mlp.experts` (see TARGET_PRESETS). The
 model stores its decoder layers stacked (dsv32_jax.model.BlockStack), so one wrapper adapts a
 module of every layer of a stack and its factors carry the leading layer axis [n, ...] (scanned
-with the layers); when a target matches only some layers of a stack (`layers\.[0-3]\..*`), the
+with the layers); when a target matches only some layers of a stack (`layers\\.[0-3]\\..*`), the
 others keep zero-weighted factors that are masked out of the forward, never exported and
 never receive a gradient. The MTP head is never adapted. Note: the indexer's inputs are detached from the LM loss (as in the official training),
 so indexer adapters ("indexer" preset) receive no gradient from the LM loss.
