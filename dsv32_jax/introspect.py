@@ -21,7 +21,9 @@ and biases count as constants), grouped by its path with a trailing
 A value is weight-derived when it depends on some weight and on nothing else but constants
 (literals, iota, ...): the dequantised copy of a weight is, its product with an activation is
 not. Its `weight_bytes` is the size of the largest weight (group member) it derives from, per
-device inside shard_map (scaled by that operand's shard fraction).
+device inside shard_map (scaled by that operand's shard fraction). Stacked decoder layers
+(paths under `stacks`, leading layer axis [n, ...]) count per layer: the rank and the bytes of
+one layer's slice, which is what the scanned layer body multiplies.
 
 `collectives(text)` lists the collectives of a lowered program (StableHLO text, e.g. lowered
 for ("tpu",) from abstract arrays) with the bytes each moves per device.
@@ -226,15 +228,20 @@ def temporaries(fn, *args, weight_args: tuple[int, ...] = ()) -> list[Temp]:
     """
     closed = jax.make_jaxpr(fn)(*args)
     leaves = [(i, path, leaf) for i, a in enumerate(args) for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]]
-    def is_weight(i, leaf):
-        return i in weight_args and len(getattr(leaf, "shape", ())) >= 2
+
+    def stacked(path):          # stacked decoder layers (dsv32_jax.model.BlockStack): [n, ...] per leaf
+        return "['stacks']" in jax.tree_util.keystr(path)
+
+    def is_weight(i, path, leaf):
+        return i in weight_args and len(getattr(leaf, "shape", ())) - stacked(path) >= 2
 
     group_bytes: dict[str, int] = {}
     for i, path, leaf in leaves:
-        if is_weight(i, leaf):
+        if is_weight(i, path, leaf):
             g = _group(path)
-            group_bytes[g] = max(group_bytes.get(g, 0), _nbytes(leaf))
-    states = [{_group(path): group_bytes[_group(path)]} if is_weight(i, leaf) else
+            nbytes = _nbytes(leaf) // (leaf.shape[0] if stacked(path) else 1)     # one layer's weight
+            group_bytes[g] = max(group_bytes.get(g, 0), nbytes)
+    states = [{_group(path): group_bytes[_group(path)]} if is_weight(i, path, leaf) else
               ("const" if i in weight_args else None) for i, path, leaf in leaves]
     if len(states) != len(closed.jaxpr.invars):
         raise ValueError(f"temporaries: {len(states)} argument leaves but the jaxpr has "

@@ -101,15 +101,19 @@ def stacked_zeros(shape, dtype, sharding=None):
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stacked, value, j):
-    return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), j, 0)
+@functools.lru_cache(maxsize=None)
+def _layer_setter(sharding):
+    def update(stacked, value, j):
+        return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), j, 0)
+
+    return jax.jit(update, donate_argnums=0, out_shardings=sharding)
 
 
 def set_layer(stacked, value, j: int):
     """stacked [n, ...] with layer j replaced by value [...] (already on the devices, sharded like
-    one layer of `stacked`); `stacked` is donated, so no second whole copy is made."""
-    return _set_layer(stacked, value, jnp.int32(j))
+    one layer of `stacked`); `stacked` is donated, so no second whole copy is made, and the result
+    keeps its sharding."""
+    return _layer_setter(stacked.sharding)(stacked, value, jnp.int32(j))
 
 
 def abstract_params(cfg: ModelConfig, options) -> dict[Path, ParamInfo]:
