@@ -49,7 +49,7 @@ def test_caches_born_with_their_sharding(models, mesh):
     caches = creator()
     for arr, want in zip(jax.tree.leaves(caches), jax.tree.leaves(targets)):
         assert arr.sharding == want
-        assert {sh.data.shape[0] for sh in arr.addressable_shards} == {batch // split}
+        assert {sh.data.shape[CACHE_BATCH_AXIS] for sh in arr.addressable_shards} == {batch // split}
         assert not np.any(np.asarray(arr.addressable_shards[0].data.astype(jnp.float32)))
 
 
