@@ -17,9 +17,10 @@ Targets are chosen by regular expressions over per-layer module paths such as
 model stores its decoder layers stacked (dsv32_jax.model.BlockStack), so one wrapper adapts a
 module of every layer of a stack and its factors carry the leading layer axis [n, ...] (scanned
 with the layers); when a target matches only some layers of a stack (`layers\\.[0-3]\\..*`), the
-others keep zero-weighted factors that are masked out of the forward, never exported and
-never receive a gradient. The MTP head is never adapted. Note: the indexer's inputs are detached from the LM loss (as in the official training),
-so indexer adapters ("indexer" preset) receive no gradient from the LM loss.
+slices of the other layers are masked out of the forward (scale 0, hence no gradient either)
+and never exported. The MTP head is never adapted. Note: the indexer's inputs are detached
+from the LM loss (as in the official training), so indexer adapters ("indexer" preset) receive
+no gradient from the LM loss.
 
 Exports: `merged_module` (base + A @ B * scale, a plain Transformer for `export.save_hf`) and
 `save_peft` / `load_peft` (safetensors with PEFT names, `lora_A.weight` [r, in],

@@ -48,9 +48,9 @@ BLOCK = 64            # prefix-cache unit, as DeepSeek's API
 class Slots:
     """Device state of all slots (S = max_slots).
 
-    caches: list of LayerCache [layers, S, max_len, ...] (one per stack); tokens int32 [S] (last sampled token, not yet
-    in the cache); positions int32 [S] (its position); live bool [S]; count int32 [S] (tokens
-    generated); max_new int32 [S]; temperature, top_p f32 [S]; top_k int32 [S];
+    caches: list of LayerCache [layers, S, max_len, ...] (one per stack of layers); tokens int32
+    [S] (last sampled token, not yet in the cache); positions int32 [S] (its position); live bool
+    [S]; count int32 [S] (tokens generated); max_new int32 [S]; temperature, top_p f32 [S]; top_k int32 [S];
     seeds uint32 [S, 2] (key data of each request's PRNG stream).
     """
     caches: list
@@ -316,7 +316,7 @@ class SlotModel:
         return slot // self.slots_per_lane
 
     def new_pool(self, entries: int) -> list:
-        """Prefix pool: per stack of layers, LayerCache of [layers, entries, 64, ...] rows (both caches),
+        """Prefix pool: per stack, LayerCache of [layers, entries, 64, ...] rows (both caches),
         replicated on every device of the mesh."""
         shapes = self.module.cache_shapes(entries, BLOCK)
         out = None if self.mesh is None else jax.tree.map(lambda _: NamedSharding(self.mesh, PS()), shapes)
