@@ -55,6 +55,12 @@ def _moe_layers(cfg) -> int:
     return sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
 
 
+def _moe_stacks(cfg) -> int:
+    from dsv32_jax.model import layer_groups
+
+    return sum(moe for _, _, moe in layer_groups(cfg))
+
+
 def _largest_intermediate(cfg, mesh: str, batch: int, context: int) -> dict:
     """The largest array the model code creates in one decode step (from the jaxpr; per device
     inside shard_map bodies) over the largest weight it multiplies (per device), and the
@@ -120,7 +126,9 @@ def measure(args) -> dict:
                 "compile_s": r["compile_s"], "argument_bytes": r["argument_bytes"], "plan_bytes": plan_b,
                 "argument_over_plan": round(r["argument_bytes"] / plan_b, 4), "cpu_temp_bytes": r["temp_bytes"],
                 "non_moe_collective_bytes": other, "collectives": coll,
-                "cpu_all_to_all_bytes_per_moe_layer": a2a // max(1, _moe_layers(cfg))}
+                # compiled HLO counts an op of a loop body once: the scanned MoE stack's body is
+                # one layer, so per MoE layer = the bytes over the number of MoE stacks
+                "cpu_all_to_all_bytes_per_moe_layer": a2a // max(1, _moe_stacks(cfg))}
         small, full = row[f"layers_{args.small_layers}"], row[f"layers_{args.layers}"]
         row["compile_ratio_full_over_small"] = round(full["compile_s"] / small["compile_s"], 2)
         # the program lowered for TPU (Pallas kernels under shard_map, the ragged expert exchange)

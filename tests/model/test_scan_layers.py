@@ -58,3 +58,22 @@ def test_stacks_map_onto_per_layer_checkpoint_paths():
     assert table[("layers", 4, "attn", "q_a", "kernel")].shape == (cfg.hidden_size, cfg.q_lora_rank)
     assert table[("layers", 4, "attn", "q_a", "kernel")].axes == ("embed", "q_lora")
     assert not any(p[0] == "stacks" for p in table)
+
+
+def test_lowered_collectives_count_scan_iterations():
+    """A collective inside a scan over 3 layers runs 3 times per call (the lowered text holds it
+    once), so per-layer figures from `collectives` stay per layer."""
+    from jax.sharding import PartitionSpec as P
+
+    from dsv32_jax.introspect import collectives
+
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+    exchange = jax.shard_map(lambda a: jax.lax.all_to_all(a, "x", 1, 1, tiled=True), mesh=mesh,
+                             in_specs=P("x"), out_specs=P("x"))
+
+    def layers(x, w):
+        return jax.lax.scan(lambda c, wi: (exchange(c * wi.sum()), None), x, w)[0]
+
+    text = jax.jit(layers).lower(jnp.ones((8, 16)), jnp.ones((3, 5))).as_text()
+    (c,) = collectives(text)
+    assert (c.op, c.operand_bytes, c.calls) == ("all_to_all", 2 * 16 * 4, 3)
