@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsv32_jax.finetune.indexer_loss import N_STATS, AlignStat, install_probes, probe_stats, summarize
+from dsv32_jax.finetune.indexer_loss import N_STATS, install_probes, probe_stats, summarize
 from dsv32_jax.finetune.lora import LoRAKey, LoRAWeight
 from dsv32_jax.model import LAYER_AXIS
 from dsv32_jax.moe import MoE
