@@ -9,7 +9,8 @@ Layout of a converted directory (format version 1):
                           whole directory has been written and verified
     tokenizer files       copied from the Hugging Face directory
     params/<item>/        one orbax checkpoint (PyTree of arrays) per item:
-                            layer_000 ... layer_{L-1}: the parameters below ("layers", i)
+                            layer_000 ... layer_{L-1}: the parameters below ("layers", i) of the
+                            checkpoint layout (one layer each; the model stacks them on load)
                             globals: embed/embedding, norm/scale, lm_head/kernel
                             mtp: the parameters below ("mtp",) (only with --keep-mtp)
 
@@ -37,7 +38,7 @@ from flax import nnx
 from dsv32_jax.cli import abspath
 from dsv32_jax.config import load_config
 from dsv32_jax.numerics import dequant_blocks
-from dsv32_jax.params import build_abstract, path_str
+from dsv32_jax.params import build_abstract, checkpoint_paths, path_str, set_layer, stacked_zeros
 from dsv32_jax.safetensors_io import CheckpointError
 
 MANIFEST_NAME = "dsv32_convert.json"
@@ -123,6 +124,13 @@ def _flat_shardings(shardings, paths):
     return flat
 
 
+def _layer_sharding(s):
+    """The sharding of one layer of a stacked array sharded by `s` (the layer axis dropped)."""
+    if isinstance(s, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*tuple(s.spec)[1:]))
+    return s
+
+
 def _replicated(s):
     """A sharding on the same devices as `s` that keeps the whole (small) array on each."""
     if isinstance(s, jax.sharding.NamedSharding):
@@ -164,8 +172,14 @@ def restore_state(path, options, shardings=None, cfg=None, progress=None):
     sh = _flat_shardings(shardings, paths)
 
     groups: dict[str, list] = {}
+    stacked = {}           # state path -> stacked array being filled layer by layer
     for p, var in flat:
-        groups.setdefault(item_of(p)[0], []).append((tuple(p), var))
+        p = tuple(p)
+        for lp, j in checkpoint_paths(p, cfg):
+            groups.setdefault(item_of(lp)[0], []).append((p, lp, j, var))
+        if checkpoint_paths(p, cfg)[0][1] is not None:
+            v = var.get_value()
+            stacked[p] = stacked_zeros(v.shape, v.dtype, sh[p])
     stored_abstract = {}
     if dequant:      # shapes/dtypes as stored: e4m3 kernels + float32 block scales
         _, f8_state = build_abstract(cfg, dataclasses.replace(options, fp8_weights=True))
@@ -180,6 +194,9 @@ def restore_state(path, options, shardings=None, cfg=None, progress=None):
                                        out_shardings=sharding)
         return dequant_fns[key](k, sc)
 
+    def one_layer(shape, j):
+        return tuple(shape) if j is None else tuple(shape)[1:]
+
     ckptr = ocp.StandardCheckpointer()
     try:
         for n_done, (item, members) in enumerate(groups.items(), 1):
@@ -191,7 +208,7 @@ def restore_state(path, options, shardings=None, cfg=None, progress=None):
             stored = rec["params"]
             target: dict = {}
             used = set()
-            scaled = {}            # path -> sub path of its block scale (dequantised on load)
+            scaled = {}            # layer path -> sub path of its block scale (dequantised on load)
 
             def add(sub, shape, dtype, sharding):
                 node = target
@@ -200,25 +217,26 @@ def restore_state(path, options, shardings=None, cfg=None, progress=None):
                 node[str(sub[-1])] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
                 used.add(item_key(sub))
 
-            for p, var in members:
-                sub = item_of(p)[1]
+            for p, lp, j, var in members:
+                sub = item_of(lp)[1]
                 key = item_key(sub)
-                v = var.get_value()
+                shape = one_layer(var.get_value().shape, j)
+                sharding = sh[p] if j is None else _layer_sharding(sh[p])
                 if key not in stored:
-                    raise CheckpointError(f"{item_dir}: parameter {path_str(p)} is not in the converted "
+                    raise CheckpointError(f"{item_dir}: parameter {path_str(lp)} is not in the converted "
                                           f"checkpoint (dtype {man['dtype']})")
-                if tuple(stored[key]["shape"]) != tuple(v.shape):
-                    raise CheckpointError(f"{item_dir}: parameter {path_str(p)} has shape {stored[key]['shape']}, "
-                                          f"the model expects {tuple(v.shape)}")
+                if tuple(stored[key]["shape"]) != shape:
+                    raise CheckpointError(f"{item_dir}: parameter {path_str(lp)} has shape {stored[key]['shape']}, "
+                                          f"the model expects {shape}")
                 scale_p = p[:-1] + (f"{p[-1]}_scale",)
                 if dequant and scale_p in stored_abstract:
-                    ssub = item_of(scale_p)[1]
+                    ssub = sub[:-1] + (f"{sub[-1]}_scale",)
                     sv = stored_abstract[scale_p]
-                    add(sub, v.shape, stored_abstract[p].dtype, sh[p])
-                    add(ssub, sv.shape, sv.dtype, _replicated(sh[p]))
-                    scaled[p] = ssub
+                    add(sub, shape, stored_abstract[p].dtype, sharding)
+                    add(ssub, one_layer(sv.shape, j), sv.dtype, _replicated(sharding))
+                    scaled[lp] = ssub
                 else:
-                    add(sub, v.shape, v.dtype, sh[p])
+                    add(sub, shape, var.get_value().dtype, sharding)
             extra = sorted(set(stored) - used)
             if extra:
                 raise CheckpointError(f"{item_dir}: holds parameter {extra[0]!r}, which this model "
@@ -231,16 +249,23 @@ def restore_state(path, options, shardings=None, cfg=None, progress=None):
                     node = node[str(k)]
                 return node
 
-            for p, var in members:
-                value = get(item_of(p)[1])
-                if p in scaled:
-                    value = dequantise(value, get(scaled[p]), sh[p], var.get_value().dtype)
-                var.set_value(value)
+            for p, lp, j, var in members:
+                value = get(item_of(lp)[1])
+                if lp in scaled:
+                    value = dequantise(value, get(scaled[lp]), sh[p] if j is None else _layer_sharding(sh[p]),
+                                       var.get_value().dtype)
+                if j is None:
+                    var.set_value(value)
+                else:
+                    stacked[p] = set_layer(stacked[p], value, j)
             del restored
             if progress is not None:
                 progress(item, n_done, len(groups))
     finally:
         ckptr.close()
+    for p, var in flat:
+        if tuple(p) in stacked:
+            var.set_value(stacked[tuple(p)])
     return graphdef, nnx.from_flat_state(flat)
 
 

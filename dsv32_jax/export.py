@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from dsv32_jax.params import hf_source
+from dsv32_jax.params import checkpoint_paths, hf_source
 
 MAX_SHARD_BYTES = 2 * 2**30
 
@@ -35,20 +35,25 @@ def hf_tensors(module) -> dict[str, np.ndarray]:
     cfg = module.cfg
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        value = host_value(var.get_value())
-        if value.dtype == np.dtype("bfloat16"):
-            value = value.astype(ml_dtypes.bfloat16)
-        src = hf_source(tuple(path), cfg)
-        if src.transform == "copy":
-            out[src.names[0]] = value
-        elif src.transform == "T":
-            out[src.names[0]] = np.ascontiguousarray(np.swapaxes(value, -1, -2))
-        elif src.transform == "stack_T":
-            for name, part in zip(src.names, value):
-                out[name] = np.ascontiguousarray(np.swapaxes(part, -1, -2))
-        else:
-            raise ValueError(src.transform)
+        whole = host_value(var.get_value())
+        if whole.dtype == np.dtype("bfloat16"):
+            whole = whole.astype(ml_dtypes.bfloat16)
+        for lp, j in checkpoint_paths(path, cfg):      # stacked layers: one tensor per layer
+            _add_tensors(out, hf_source(lp, cfg), whole if j is None else whole[j])
     return out
+
+
+def _add_tensors(out: dict, src, value: np.ndarray):
+    """out[name] = value in the checkpoint's layout (the inverse of params.apply_transform)."""
+    if src.transform == "copy":
+        out[src.names[0]] = value
+    elif src.transform == "T":
+        out[src.names[0]] = np.ascontiguousarray(np.swapaxes(value, -1, -2))
+    elif src.transform == "stack_T":
+        for name, part in zip(src.names, value):
+            out[name] = np.ascontiguousarray(np.swapaxes(part, -1, -2))
+    else:
+        raise ValueError(src.transform)
 
 
 def save_hf(module, out_dir, *, extra_files: dict[str, str | bytes] | None = None) -> Path:

@@ -21,7 +21,9 @@ and biases count as constants), grouped by its path with a trailing
 A value is weight-derived when it depends on some weight and on nothing else but constants
 (literals, iota, ...): the dequantised copy of a weight is, its product with an activation is
 not. Its `weight_bytes` is the size of the largest weight (group member) it derives from, per
-device inside shard_map (scaled by that operand's shard fraction).
+device inside shard_map (scaled by that operand's shard fraction). Stacked decoder layers
+(paths under `stacks`, leading layer axis [n, ...]) count per layer: the rank and the bytes of
+one layer's slice, which is what the scanned layer body multiplies.
 
 `collectives(text)` lists the collectives of a lowered program (StableHLO text, e.g. lowered
 for ("tpu",) from abstract arrays) with the bytes each moves per device.
@@ -226,15 +228,20 @@ def temporaries(fn, *args, weight_args: tuple[int, ...] = ()) -> list[Temp]:
     """
     closed = jax.make_jaxpr(fn)(*args)
     leaves = [(i, path, leaf) for i, a in enumerate(args) for path, leaf in jax.tree_util.tree_flatten_with_path(a)[0]]
-    def is_weight(i, leaf):
-        return i in weight_args and len(getattr(leaf, "shape", ())) >= 2
+
+    def stacked(path):          # stacked decoder layers (dsv32_jax.model.BlockStack): [n, ...] per leaf
+        return "['stacks']" in jax.tree_util.keystr(path)
+
+    def is_weight(i, path, leaf):
+        return i in weight_args and len(getattr(leaf, "shape", ())) - stacked(path) >= 2
 
     group_bytes: dict[str, int] = {}
     for i, path, leaf in leaves:
-        if is_weight(i, leaf):
+        if is_weight(i, path, leaf):
             g = _group(path)
-            group_bytes[g] = max(group_bytes.get(g, 0), _nbytes(leaf))
-    states = [{_group(path): group_bytes[_group(path)]} if is_weight(i, leaf) else
+            nbytes = _nbytes(leaf) // (leaf.shape[0] if stacked(path) else 1)     # one layer's weight
+            group_bytes[g] = max(group_bytes.get(g, 0), nbytes)
+    states = [{_group(path): group_bytes[_group(path)]} if is_weight(i, path, leaf) else
               ("const" if i in weight_args else None) for i, path, leaf in leaves]
     if len(states) != len(closed.jaxpr.invars):
         raise ValueError(f"temporaries: {len(states)} argument leaves but the jaxpr has "
@@ -296,7 +303,8 @@ class Collective:
 def collectives(stablehlo: str) -> list[Collective]:
     """The collectives of a lowered (StableHLO text) program, per device inside shard_map bodies,
     each with the number of times it runs per program call (functions called from several places,
-    e.g. one shard_map body per layer, count once per call site)."""
+    e.g. one shard_map body per layer, count once per call site; inside a counted loop such as the
+    scan over decoder layers, once per iteration)."""
     funcs: dict[str, str] = {}
     starts = [(m.start(), m.group(1)) for m in _FUNC.finditer(stablehlo)]
     for (pos, name), nxt in zip(starts, starts[1:] + [(len(stablehlo), None)]):
@@ -308,15 +316,19 @@ def collectives(stablehlo: str) -> list[Collective]:
 
     def visit(name, times):
         mult[name] = mult.get(name, 0) + times
-        for callee in _CALL.findall(funcs.get(name, "")):
+        body = funcs.get(name, "")
+        loops = _counted_loops(body)
+        for m in _CALL.finditer(body):
+            callee = m.group(1)
             if callee in funcs and callee != name:
-                visit(callee, times)
+                visit(callee, times * _trips(loops, m.start()))
 
     visit(main, 1)
     out = []
     for name, body in funcs.items():
         if not mult.get(name):
             continue
+        loops = _counted_loops(body)
         for m in _COLLECTIVE.finditer(body):
             op = m.group(1) or m.group(2)
             sig = body.find(" : (", m.end())
@@ -328,8 +340,49 @@ def collectives(stablehlo: str) -> list[Collective]:
             outs = [_tensor_bytes(t) for t in _TENSOR.findall(body[arrow:end])]
             if op == "ragged_all_to_all":           # (operand, output, offsets/sizes ...) -> output
                 ins, outs = ins[:1], outs[:1]
-            out.append(Collective(op, sum(ins), sum(outs), mult[name]))
+            out.append(Collective(op, sum(ins), sum(outs), mult[name] * _trips(loops, m.start())))
     return out
+
+
+_WHILE_COND = re.compile(r"stablehlo\.while\b[^\n]*\n\s*cond\s*\{")
+_TRIP = re.compile(r"stablehlo\.constant dense<(\d+)> : tensor<i\d+>\s*\n\s*%\S+ = stablehlo\.compare\s+LT,")
+
+
+def _region_end(text: str, open_brace: int) -> int:
+    """Index just past the brace that closes the one at `open_brace`."""
+    depth = 0
+    for i in range(open_brace, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    return len(text)
+
+
+def _counted_loops(body: str) -> list[tuple[int, int, int]]:
+    """(start, end, trips) of the `do` regions of the while loops of a function's text whose
+    condition is `counter < constant` (lax.scan, e.g. the scanned decoder layers); loops with
+    another condition (lax.while_loop) are left out (they count once)."""
+    out = []
+    for m in _WHILE_COND.finditer(body):
+        cond_end = _region_end(body, m.end() - 1)
+        trip = _TRIP.search(body, m.end(), cond_end)
+        do = body.find("{", cond_end)
+        if trip is None or do < 0 or not body[cond_end:do].strip() == "do":
+            continue
+        out.append((do, _region_end(body, do), int(trip.group(1))))
+    return out
+
+
+def _trips(loops, pos: int) -> int:
+    """How many times text at `pos` runs per call of its function (nested counted loops multiply)."""
+    n = 1
+    for start, end, trips in loops:
+        if start <= pos < end:
+            n *= trips
+    return n
 
 
 # ------------------------------------------------------------------ collectives in compiled programs

@@ -16,7 +16,8 @@ from dsv32_jax.cli import abspath
 from dsv32_jax.config import ModelConfig, load_config
 from dsv32_jax.model import RuntimeOptions, Transformer
 from dsv32_jax.numerics import dequant_blocks
-from dsv32_jax.params import ParamInfo, apply_transform, build_abstract, hf_source, path_str
+from dsv32_jax.params import (ParamInfo, apply_transform, build_abstract, checkpoint_paths, hf_source, layer_info,
+                              path_str, set_layer, stacked_zeros)
 from dsv32_jax.safetensors_io import CheckpointError, HFCheckpoint
 from dsv32_jax.sharding import batch_spec, make_mesh, put, spec_for
 
@@ -104,15 +105,24 @@ def load_hf(path, options: RuntimeOptions, cfg: ModelConfig | None = None, progr
     mesh = options.mesh
     flat = nnx.to_flat_state(state)
     total = len(flat)
+    def place(value, info):      # under a mesh each device receives only its shard of the host array
+        if mesh is None:
+            return jnp.asarray(value)
+        return put(value, NamedSharding(mesh, spec_for(info.axes, info.shape, mesh)))
+
     for n_done, (p, var) in enumerate(flat, 1):
         v = var.get_value()
-        axes = var.get_metadata().get("axes")
-        info = ParamInfo(tuple(v.shape), np.dtype(v.dtype), axes)
-        value = hf_param_value(ckpt, tuple(p), info, cfg)
-        if mesh is None:
-            var.set_value(jnp.asarray(value))
-        else:   # each device receives only its shard of the host array
-            var.set_value(put(value, NamedSharding(mesh, spec_for(axes, info.shape, mesh))))
+        info = ParamInfo(tuple(v.shape), np.dtype(v.dtype), var.get_metadata().get("axes"))
+        layers = checkpoint_paths(p, cfg)
+        if layers[0][1] is None:
+            var.set_value(place(hf_param_value(ckpt, tuple(p), info, cfg), info))
+        else:   # stacked layers: born whole (sharded), each layer written into its slice
+            sharding = None if mesh is None else NamedSharding(mesh, spec_for(info.axes, info.shape, mesh))
+            value = stacked_zeros(info.shape, info.dtype, sharding)
+            for lp, j in layers:
+                one = layer_info(info, j)
+                value = set_layer(value, place(hf_param_value(ckpt, lp, one, cfg), one), j)
+            var.set_value(value)
         if progress is not None:
             progress(path_str(p), n_done, total)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -3,6 +3,14 @@
     h = embed(ids)
     per layer:  h = h + MLA(RMSNorm(h));  h = h + FFN(RMSNorm(h))   (FFN: dense MLP or MoE)
     logits = RMSNorm(h) @ lm_head  (float32)
+
+The decoder layers are stored as `stacks`: each run of consecutive layers of one structure
+(the first `first_k_dense_replace` dense-MLP layers, then the MoE layers) is one `BlockStack`
+whose parameters carry a leading layer axis [n, ...] (logical axis "layers", never split), and
+runs as one `jax.lax.scan`, so the program (and its compile time) does not grow with depth.
+Decode caches follow: one `LayerCache` per stack with leaves [n, B, L, ...]. The checkpoint
+layouts stay per layer (`dsv32_jax.params.checkpoint_paths` maps a stacked parameter to its
+layers' names).
 """
 from __future__ import annotations
 
@@ -21,14 +29,52 @@ from dsv32_jax.moe import MLP, MoE
 from dsv32_jax.segments import segment_layout
 from dsv32_jax.sharding import constrain_batch, spec_for
 
-# Logical axes of the decode caches (declared once, like the parameters'): the batch is split
-# as the activations are (RULES["batch"]); the cached sequence and the 576-d entries (shared by
-# all heads: MQA form) are never split.
-CACHE_AXES = LayerCache(latent=("batch", "cache_seq", None), index_k=("batch", "cache_seq", None),
-                        index_k_scale=("batch", "cache_seq"), latent_scale=("batch", "cache_seq", None),
-                        rope=("batch", "cache_seq", None))
+# Logical axis of the leading [n] dimension of stacked layer parameters and caches (never split).
+LAYER_AXIS = "layers"
+# Logical axes of the decode caches (declared once, like the parameters'): per stack of layers,
+# the batch is split as the activations are (RULES["batch"]); the layers, the cached sequence
+# and the 576-d entries (shared by all heads: MQA form) are never split.
+CACHE_AXES = LayerCache(latent=(LAYER_AXIS, "batch", "cache_seq", None),
+                        index_k=(LAYER_AXIS, "batch", "cache_seq", None),
+                        index_k_scale=(LAYER_AXIS, "batch", "cache_seq"),
+                        latent_scale=(LAYER_AXIS, "batch", "cache_seq", None),
+                        rope=(LAYER_AXIS, "batch", "cache_seq", None))
 # kv_cache: how the MLA latent cache is stored (see LayerCache)
 KV_CACHES = ("dense", "fp8")
+CACHE_BATCH_AXIS = 1      # cache leaves are [layers, B, L, ...]
+
+
+def cache_batch_axes(cache_shardings):
+    """The mesh axes the batch of the caches is split over (a PartitionSpec entry), from
+    `Transformer.cache_shardings(...)`; None without a mesh."""
+    if cache_shardings is None:
+        return None
+    return jax.tree.leaves(cache_shardings[0])[0].spec[CACHE_BATCH_AXIS]
+
+
+def per_layer(fn):
+    """fn written for one layer's cache leaves (arrays [B, ...], batch first; other arguments
+    closed over) -> fn applied to stacked leaves [layers, B, ...] (vmapped over the layers).
+    Use as jax.tree.map(per_layer(fn), caches, ...); pools from `cache_shapes` are stacked too."""
+    return jax.vmap(fn)
+
+
+def layer_groups(cfg: ModelConfig) -> list[tuple[int, int, bool]]:
+    """Runs of consecutive decoder layers of one structure: [(first layer, count, is_moe)]."""
+    groups = []
+    for i in range(cfg.num_hidden_layers):
+        moe = cfg.is_moe_layer(i)
+        if groups and groups[-1][2] == moe:
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1, moe)
+        else:
+            groups.append((i, 1, moe))
+    return groups
+
+
+def is_stacked(_path, var) -> bool:
+    """nnx filter: a variable with a leading layer axis (its logical axes start with LAYER_AXIS)."""
+    axes = var.get_metadata().get("axes") if hasattr(var, "get_metadata") else None
+    return bool(axes) and axes[0] == LAYER_AXIS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +145,76 @@ class Block(nnx.Module):
         return h, idx, cache
 
 
+class BlockStack(nnx.Module):
+    """Decoder layers [first, first + n) of one structure (dense MLP or MoE), run by one scan.
+
+    `block` is a `Block` whose every variable has a leading layer axis [n, ...] (logical axis
+    LAYER_AXIS), built by vmapping the Block constructor over n keys (under nnx.eval_shape
+    nothing is allocated). The call scans over the layers: each step merges one layer's slices
+    into a Block and runs it. Variables other modules install on `block` (wrappers such as LoRA
+    adapters or training probes) are scanned too when they carry the layer axis; those the
+    layer body writes (statistics) come back stacked [n, ...]. remat: rematerialise each layer
+    in the backward pass (jax.checkpoint around the scanned body; set on a traced copy).
+    """
+
+    def __init__(self, cfg: ModelConfig, first: int, n: int, moe: bool, *, dtype, rngs, fp8_block=None,
+                 mesh=None, kernel_backend=None):
+        self.first, self.n, self.moe = first, n, moe
+        self.remat = False
+
+        def make(key):
+            return Block(cfg, first, dtype=dtype, rngs=nnx.Rngs(params=key), fp8_block=fp8_block, moe=moe,
+                         mesh=mesh, kernel_backend=kernel_backend)
+
+        keys = jax.random.split(rngs.params(), n)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(keys[0])))
+        state = jax.vmap(lambda k: nnx.state(make(k)))(keys)
+        for _, var in nnx.to_flat_state(state):
+            var.set_metadata("axes", (LAYER_AXIS,) + tuple(var.get_metadata()["axes"]))
+        self.block = nnx.merge(graphdef, state)
+
+    @property
+    def layers(self) -> range:
+        return range(self.first, self.first + self.n)
+
+    def __call__(self, h, positions, cos, sin, caches=None, *, numerics, attention_impl, kv_lengths=None,
+                 q_starts=None, mesh=None):
+        """h [B, T, D] -> (h [B, T, D], indices int32 [n, B, T, K], caches or None).
+
+        caches: LayerCache with leaves [n, B, L, ...] (carried through the scan: each layer
+        reads its slice and writes it back), or None."""
+        graphdef, stacked, shared = nnx.split(self.block, is_stacked, ...)
+        extra = {} if q_starts is None else {"q_starts": q_starts}
+
+        def body(carry, layer_state):
+            h, caches, i = carry
+            blk = nnx.merge(graphdef, layer_state, shared)
+            before = _values(blk)
+            cache = None if caches is None else jax.tree.map(
+                lambda c: jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False), caches)
+            with jax.named_scope("layer"):
+                h, idx, cache = blk(h, positions, cos, sin, numerics=numerics, attention_impl=attention_impl,
+                                    cache=cache, kv_lengths=kv_lengths, **extra)
+            h = constrain_batch(h, mesh)
+            if caches is not None:
+                caches = jax.tree.map(lambda c, x: jax.lax.dynamic_update_index_in_dim(c, x, i, 0), caches, cache)
+            written = {p: v for p, v in _values(blk).items() if v is not before.get(p)}
+            return (h, caches, i + 1), (idx, written)
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        with jax.named_scope(f"layers_{self.first}_{self.first + self.n - 1}"):
+            (h, caches, _), (indices, written) = jax.lax.scan(body, (h, caches, jnp.int32(0)), stacked)
+        if written:
+            nnx.update(self.block, nnx.from_flat_state(list(written.items())))
+        return h, indices, caches
+
+
+def _values(module) -> dict:
+    """{path: value} of the stacked variables of a (merged, per-layer) module."""
+    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(module, is_stacked))}
+
+
 class MTPHead(nnx.Module):
     """Multi-token prediction (checkpoint layer `num_hidden_layers`, spec 2.8).
 
@@ -128,9 +244,9 @@ class Transformer(nnx.Module):
         if options.fp8_weights and fp8 is None:
             raise ValueError("fp8_weights=True needs a config with quantization_config (FP8 block size)")
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs, fp8_block=fp8, mesh=options.mesh,
-                                      kernel_backend=options.kernel_backend)
-                                for i in range(cfg.num_hidden_layers)])
+        self.stacks = nnx.List([BlockStack(cfg, first, n, moe, dtype=dtype, rngs=rngs, fp8_block=fp8,
+                                           mesh=options.mesh, kernel_backend=options.kernel_backend)
+                                for first, n, moe in layer_groups(cfg)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
         self.mtp = (MTPHead(cfg, dtype=dtype, rngs=rngs, fp8_block=fp8, mesh=options.mesh,
@@ -138,7 +254,8 @@ class Transformer(nnx.Module):
 
     # ------------------------------------------------------------------ forward
     def hidden(self, input_ids, positions=None, caches=None, kv_lengths=None, segment_ids=None):
-        """input_ids [B, T] -> (final normed hidden [B, T, D], per-layer indices, new caches).
+        """input_ids [B, T] -> (final normed hidden [B, T, D], per-layer indices (a list of
+        int32 [B, T, K], one per decoder layer), new caches (one LayerCache per stack) or None).
 
         segment_ids [B, T] int or None: packed rows (dsv32_jax.segments): rope positions restart
         at each segment and no token sees another segment's keys (no caches, no positions then).
@@ -155,13 +272,11 @@ class Transformer(nnx.Module):
         mesh = self.options.mesh
         h = constrain_batch(self.embed(input_ids), mesh)
         indices, new_caches = [], []
-        for i, layer in enumerate(self.layers):
-            h, idx, c = layer(h, positions, cos, sin, numerics=self.options.numerics,
-                              attention_impl=self.options.attention_impl,
-                              cache=None if caches is None else caches[i], kv_lengths=kv_lengths,
-                              **({} if q_starts is None else {"q_starts": q_starts}))
-            h = constrain_batch(h, mesh)
-            indices.append(idx)
+        for g, stack in enumerate(self.stacks):
+            h, idx, c = stack(h, positions, cos, sin, None if caches is None else caches[g],
+                              numerics=self.options.numerics, attention_impl=self.options.attention_impl,
+                              kv_lengths=kv_lengths, q_starts=q_starts, mesh=mesh)
+            indices.extend(idx[j] for j in range(stack.n))
             new_caches.append(c)
         return self.norm(h), indices, (None if caches is None else new_caches)
 
@@ -197,19 +312,24 @@ class Transformer(nnx.Module):
         return jnp.dot(m.norm(u), m.head.weight().astype(u.dtype), preferred_element_type=jnp.float32)
 
     def cache_shapes(self, batch: int, max_len: int) -> list[LayerCache]:
-        """Abstract caches (jax.ShapeDtypeStruct leaves) of `max_len` slots for every layer."""
+        """Abstract caches (jax.ShapeDtypeStruct leaves) of `max_len` slots: one LayerCache per
+        stack of layers, leaves [n, batch, max_len, ...]."""
         cfg, o = self.cfg, self.options
         ref = o.numerics == "reference"
         sds = jax.ShapeDtypeStruct
-        one = LayerCache(sds((batch, max_len, cfg.kv_dim), o.dtype),
-                         sds((batch, max_len, cfg.index_head_dim), jnp.float8_e4m3fn if ref else o.dtype),
-                         sds((batch, max_len), jnp.float32) if ref else None)
-        if o.kv_cache == "fp8":
-            r = cfg.kv_lora_rank
-            one = dataclasses.replace(one, latent=sds((batch, max_len, r), jnp.float8_e4m3fn),
-                                      latent_scale=sds((batch, max_len, r // latent_block(cfg)), jnp.float32),
-                                      rope=sds((batch, max_len, cfg.qk_rope_head_dim), o.dtype))
-        return [one] * cfg.num_hidden_layers
+
+        def one(n):
+            c = LayerCache(sds((n, batch, max_len, cfg.kv_dim), o.dtype),
+                           sds((n, batch, max_len, cfg.index_head_dim), jnp.float8_e4m3fn if ref else o.dtype),
+                           sds((n, batch, max_len), jnp.float32) if ref else None)
+            if o.kv_cache == "fp8":
+                r = cfg.kv_lora_rank
+                c = dataclasses.replace(c, latent=sds((n, batch, max_len, r), jnp.float8_e4m3fn),
+                                        latent_scale=sds((n, batch, max_len, r // latent_block(cfg)), jnp.float32),
+                                        rope=sds((n, batch, max_len, cfg.qk_rope_head_dim), o.dtype))
+            return c
+
+        return [one(stack.n) for stack in self.stacks]
 
     def cache_shardings(self, batch: int, max_len: int) -> list[LayerCache] | None:
         """NamedShardings of the caches from CACHE_AXES and the rule table (None without a mesh)."""
@@ -235,5 +355,6 @@ class Transformer(nnx.Module):
         return jax.jit(zeros, out_shardings=self.cache_shardings(batch, max_len))
 
     def init_caches(self, batch: int, max_len: int) -> list[LayerCache]:
-        """Zeroed static caches of `max_len` slots for every layer (born sharded under a mesh)."""
+        """Zeroed static caches of `max_len` slots, one LayerCache per stack of layers (see
+        cache_shapes; born sharded under a mesh)."""
         return self.cache_creator(batch, max_len)()

@@ -2,8 +2,14 @@
 
 Every parameter is declared once, in its module (dsv32_jax.layers.param). `abstract_params`
 builds the model under `nnx.eval_shape`, so it allocates nothing, and returns the flat table
-path -> ParamInfo (shape, dtype, logical axes). `hf_source` maps a path to the checkpoint
-tensor(s) it is made of; the loader, the converter and the sharding rules all read these two.
+path -> ParamInfo (shape, dtype, logical axes) in the checkpoint layout. `hf_source` maps such
+a path to the checkpoint tensor(s) it is made of; the loader, the converter and the sharding
+rules all read these two.
+
+Checkpoint layout vs state: the model stores its decoder layers stacked (dsv32_jax.model:
+state path ("stacks", g, "block", ...) with a leading layer axis [n, ...]); checkpoints (Hugging
+Face and converted) keep one tensor per layer, addressed by the per-layer path
+("layers", i, ...). `checkpoint_paths` maps a state path to the per-layer paths it holds.
 
 Layout conventions (ours vs the Hugging Face checkpoint):
   Linear `kernel` [in, out]        = HF `weight` [out, in] transposed
@@ -14,15 +20,17 @@ Layout conventions (ours vs the Hugging Face checkpoint):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from dsv32_jax.config import ModelConfig
 
-Path = tuple  # a state path, e.g. ("layers", 3, "attn", "q_a", "kernel")
+Path = tuple  # a checkpoint-layout path, e.g. ("layers", 3, "attn", "q_a", "kernel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +59,73 @@ def build_abstract(cfg: ModelConfig, options):
     return nnx.split(model)
 
 
+def checkpoint_paths(path: tuple, cfg: ModelConfig) -> list[tuple[Path, int | None]]:
+    """A state path -> [(checkpoint-layout path, index on the layer axis)].
+
+    ("stacks", g, "block", *rest) (stacked layers first..first+n-1) ->
+    [(("layers", first + j, *rest), j) for j < n]; any other path -> [(path, None)].
+    """
+    from dsv32_jax.model import layer_groups
+
+    p = tuple(path)
+    if p and p[0] == "stacks":
+        first, n, _ = layer_groups(cfg)[int(p[1])]
+        return [(("layers", first + j) + p[3:], j) for j in range(n)]
+    return [(p, None)]
+
+
+def state_path(path: Path, cfg: ModelConfig) -> tuple[tuple, int | None]:
+    """Inverse of checkpoint_paths: ("layers", i, *rest) -> (("stacks", g, "block", *rest), j)."""
+    from dsv32_jax.model import layer_groups
+
+    p = tuple(path)
+    if p and p[0] == "layers":
+        i = int(p[1])
+        for g, (first, n, _) in enumerate(layer_groups(cfg)):
+            if first <= i < first + n:
+                return ("stacks", g, "block") + p[2:], i - first
+        raise KeyError(f"no decoder layer {i} (the model has {cfg.num_hidden_layers})")
+    return p, None
+
+
+def layer_info(info: ParamInfo, j: int | None) -> ParamInfo:
+    """The ParamInfo of one layer of a stacked parameter (j None: the parameter itself)."""
+    if j is None:
+        return info
+    return ParamInfo(info.shape[1:], info.dtype, None if info.axes is None else tuple(info.axes)[1:])
+
+
+def stacked_zeros(shape, dtype, sharding=None):
+    """A zeroed stacked parameter [n, ...] born in `sharding` (None: the default device); its
+    layers are then written in place with `set_layer`."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_setter(sharding):
+    def update(stacked, value, j):
+        return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), j, 0)
+
+    return jax.jit(update, donate_argnums=0, out_shardings=sharding)
+
+
+def set_layer(stacked, value, j: int):
+    """stacked [n, ...] with layer j replaced by value [...] (already on the devices, sharded like
+    one layer of `stacked`); `stacked` is donated, so no second whole copy is made, and the result
+    keeps its sharding."""
+    return _layer_setter(stacked.sharding)(stacked, value, jnp.int32(j))
+
+
 def abstract_params(cfg: ModelConfig, options) -> dict[Path, ParamInfo]:
-    """path -> ParamInfo for every parameter of the model built with `options`."""
+    """Checkpoint-layout path -> ParamInfo for every parameter of the model built with `options`
+    (stacked layers listed one layer at a time, without the layer axis)."""
     _, state = build_abstract(cfg, options)
     out = {}
     for path, var in nnx.to_flat_state(state):
         v = var.get_value() if hasattr(var, "get_value") else var.value
-        out[tuple(path)] = ParamInfo(tuple(v.shape), np.dtype(v.dtype), var.get_metadata().get("axes"))
+        info = ParamInfo(tuple(v.shape), np.dtype(v.dtype), var.get_metadata().get("axes"))
+        for lp, j in checkpoint_paths(path, cfg):
+            out[lp] = layer_info(info, j)
     return out
 
 
@@ -99,7 +167,7 @@ def _block_name(rest: tuple, prefix: str, cfg: ModelConfig) -> HFSource:
 
 
 def hf_source(path: Path, cfg: ModelConfig) -> HFSource:
-    """The checkpoint tensor(s) a parameter path is made of."""
+    """The checkpoint tensor(s) a checkpoint-layout parameter path is made of."""
     p = tuple(path)
     if p == ("embed", "embedding"):
         return HFSource(("model.embed_tokens.weight",), "copy")

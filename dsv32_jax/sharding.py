@@ -35,6 +35,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "experts": "expert",
     "cache_seq": None,        # decode caches keep the whole sequence on each device
+    "layers": None,           # the leading axis of stacked decoder layers (scanned, never split)
 }
 
 

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv32_jax.model import LAYER_AXIS
+
 
 STAGES = ("dense", "sparse")
 # stats per layer: [kl_sum, queries, recall_sum, ceiling_sum, recall_queries]
@@ -161,15 +163,16 @@ def _chunked(fn, args, chunk, t):
 
 # ------------------------------------------------------------------------------ model probes
 class AlignStat(nnx.Variable):
-    """Alignment statistics of the last forward of one layer, float32 [N_STATS]."""
+    """Alignment statistics of the last forward of each layer of a stack, float32 [n, N_STATS]."""
 
 
 class AlignProbe(nnx.Module):
-    """Wraps a layer's MLA: same outputs, and records `alignment_stats` of the call in `stats`."""
+    """Wraps a stack's (stacked) MLA: same outputs, and records `alignment_stats` of each layer's
+    call in its row of `stats` [layers, N_STATS] (written from the scanned layer body)."""
 
-    def __init__(self, mla, *, stage: str, chunk: int = 128, topk: int | None = None):
+    def __init__(self, mla, *, stage: str, chunk: int = 128, topk: int | None = None, layers: int = 1):
         self.mla, self.stage, self.chunk, self.topk = mla, stage, chunk, topk
-        self.stats = AlignStat(jnp.zeros((N_STATS,), jnp.float32))
+        self.stats = AlignStat(jnp.zeros((layers, N_STATS), jnp.float32), axes=(LAYER_AXIS, None))
 
     def __call__(self, x, positions, cos, sin, *, numerics="exact", cache=None, q_starts=None, **kw):
         kw2 = dict(kw, **({} if q_starts is None else {"q_starts": q_starts}))
@@ -182,21 +185,22 @@ class AlignProbe(nnx.Module):
 
 
 def install_probes(model, *, stage: str, chunk: int = 128, topk: int | None = None) -> list[AlignProbe]:
-    """Wrap every decoder layer's attention of a (traced) model copy; returns the probes.
-    topk: K of the recall (default: the layers' cfg.index_topk)."""
+    """Wrap the (stacked) attention of every stack of decoder layers of a (traced) model copy;
+    returns the probes (one per stack, stats [n, N_STATS]). topk: K of the recall (default: the
+    layers' cfg.index_topk)."""
     if stage not in STAGES:
         raise ValueError(f"alignment stage must be one of {STAGES}, got {stage!r}")
     probes = []
-    for layer in model.layers:
-        probe = AlignProbe(layer.attn, stage=stage, chunk=chunk, topk=topk)
-        layer.attn = probe
+    for stack in model.stacks:
+        probe = AlignProbe(stack.block.attn, stage=stage, chunk=chunk, topk=topk, layers=stack.n)
+        stack.block.attn = probe
         probes.append(probe)
     return probes
 
 
 def probe_stats(probes):
     """[n_layers, N_STATS] from installed probes."""
-    return jnp.stack([p.stats[...] for p in probes])
+    return jnp.concatenate([p.stats[...] for p in probes])
 
 
 def summarize(stats) -> dict:

@@ -20,7 +20,7 @@ from dsv32_jax.attention import MLA
 from dsv32_jax.config import load_config
 from dsv32_jax.loading import hf_param_value
 from dsv32_jax.model import RuntimeOptions, Transformer
-from dsv32_jax.params import ParamInfo, hf_source
+from dsv32_jax.params import ParamInfo, checkpoint_paths, hf_source, layer_info
 from dsv32_jax.safetensors_io import HFCheckpoint
 
 # every parameter of every layer's lightning indexer (nnx filter)
@@ -43,11 +43,15 @@ def load_with_fresh_indexer(path, options: RuntimeOptions, *, seed: int = 0):
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         p = tuple(p)
         v = var.get_value()
-        if "indexer" in p and not all(n in ckpt for n in hf_source(p, cfg).names):
-            fresh += 1
-            continue
         info = ParamInfo(tuple(v.shape), np.dtype(v.dtype), var.get_metadata().get("axes"))
-        var.set_value(jnp.asarray(hf_param_value(ckpt, p, info, cfg)))
+        value = v
+        for lp, j in checkpoint_paths(p, cfg):        # stacked layers: one checkpoint tensor per layer
+            if "indexer" in lp and not all(n in ckpt for n in hf_source(lp, cfg).names):
+                fresh += 1
+                continue
+            one = jnp.asarray(hf_param_value(ckpt, lp, layer_info(info, j), cfg))
+            value = one if j is None else value.at[j].set(one)
+        var.set_value(value)
     return model, fresh
 
 

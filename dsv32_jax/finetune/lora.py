@@ -12,10 +12,15 @@ Adapter factors are `LoRAWeight` variables (not `nnx.Param`), so `nnx.state(mode
 / `nnx.split(model, LoRAWeight, ...)` select exactly the adapters and every `nnx.Param` (base
 weight, bf16 or FP8 + scales) stays frozen. Adapters are float32 whatever the base dtype.
 
-Targets are chosen by regular expressions over module paths such as `layers.3.attn.q_a`,
-`layers.3.mlp.shared.up`, `layers.3.mlp.experts` (see TARGET_PRESETS). The MTP head is never
-adapted. Note: the indexer's inputs are detached from the LM loss (as in the official training),
-so indexer adapters ("indexer" preset) receive no gradient from the LM loss.
+Targets are chosen by regular expressions over per-layer module paths such as
+`layers.3.attn.q_a`, `layers.3.mlp.shared.up`, `layers.3.mlp.experts` (see TARGET_PRESETS). The
+model stores its decoder layers stacked (dsv32_jax.model.BlockStack), so one wrapper adapts a
+module of every layer of a stack and its factors carry the leading layer axis [n, ...] (scanned
+with the layers); when a target matches only some layers of a stack (`layers\\.[0-3]\\..*`), the
+slices of the other layers are masked out of the forward (scale 0, hence no gradient either)
+and never exported. The MTP head is never adapted. Note: the indexer's inputs are detached
+from the LM loss (as in the official training), so indexer adapters ("indexer" preset) receive
+no gradient from the LM loss.
 
 Exports: `merged_module` (base + A @ B * scale, a plain Transformer for `export.save_hf`) and
 `save_peft` / `load_peft` (safetensors with PEFT names, `lora_A.weight` [r, in],
@@ -39,7 +44,8 @@ from dsv32_jax.expert_parallel import GroupedFFN
 from dsv32_jax.grouped_matmul import grouped_matmul
 from dsv32_jax.layers import Linear
 from dsv32_jax.moe import EXPERT_PROJ, Experts, combine_local
-from dsv32_jax.params import hf_source
+from dsv32_jax.model import LAYER_AXIS
+from dsv32_jax.params import checkpoint_paths, hf_source
 
 TARGET_PRESETS = {
     "attn": r"layers\.\d+\.attn\.(q_a|q_b|kv_a|kv_b|o)",
@@ -53,6 +59,11 @@ EXPERT_UID_OFFSET = 1 << 20
 
 class LoRAWeight(nnx.Variable):
     """A trainable adapter factor (the only variables the optimizer sees)."""
+
+
+class LoRALayer(nnx.Variable):
+    """The decoder layer index of each slice of a stacked adapter, int32 [n] (its dropout
+    stream), or -1 where the targets do not adapt that layer (masked out)."""
 
 
 class LoRAKey(nnx.Variable):
@@ -88,12 +99,13 @@ class LoRAContext(nnx.Module):
         self.training = False
         self.key = LoRAKey(jax.random.key_data(jax.random.key(0)))
 
-    def dropout(self, x, uid: int):
-        """x [..., in] -> x with inverted dropout (rate config.dropout) when training, else x."""
+    def dropout(self, x, uid: int, layer):
+        """x [..., in] -> x with inverted dropout (rate config.dropout) when training, else x
+        (the mask stream: fold_in(fold_in(key, uid), layer), layer int32 [] the decoder layer)."""
         rate = self.config.dropout
         if not self.training or rate == 0.0:
             return x
-        key = jax.random.fold_in(jax.random.wrap_key_data(self.key[...]), uid)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(self.key[...]), uid), layer)
         keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
         return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
@@ -105,48 +117,63 @@ def _init_a(key, shape, fan_in):
 
 
 class LoRALinear(nnx.Module):
-    """A frozen `Linear` plus adapters lora_a [in, r], lora_b [r, out] (float32).
+    """A frozen (stacked) `Linear` plus adapters lora_a [n, in, r], lora_b [n, r, out] (float32),
+    n the layers of the stack (inside the scanned layer body: one layer's [in, r] / [r, out]).
 
     __call__(x [..., in]) -> [..., out] in x's dtype: base(x) + dropout(x) @ a @ b * scale
     (the adapter path in float32). `weight()` returns the merged kernel (used where the model
     reads a weight directly, e.g. MLA's absorbed kv_b; no dropout there).
     """
 
-    def __init__(self, base: Linear, ctx: LoRAContext, uid: int, factors: dict):
-        self.base, self.ctx, self.uid = base, ctx, uid
+    def __init__(self, base: Linear, ctx: LoRAContext, uid: int, factors: dict, active: tuple[bool, ...]):
+        self.base, self.ctx, self.uid, self.active = base, ctx, uid, active
         self.in_features, self.out_features = base.in_features, base.out_features
         self.dtype = base.dtype
         self.fp8_block = None
-        self.lora_a = LoRAWeight(factors["lora_a"], axes=(None, None))
-        self.lora_b = LoRAWeight(factors["lora_b"], axes=(None, None))
+        self.layer = LoRALayer(factors["layer"], axes=(LAYER_AXIS,))
+        self.lora_a = LoRAWeight(factors["lora_a"], axes=(LAYER_AXIS, None, None))
+        self.lora_b = LoRAWeight(factors["lora_b"], axes=(LAYER_AXIS, None, None))
 
     @staticmethod
     def factor_init(base: Linear, rank: int):
         """{name: (shape, fan_in, key fold)} of the factors; fan_in None = zeros (B starts at 0);
         key fold None = the adapter's own key, i = its fold_in(key, i)."""
-        return {"lora_a": ((base.in_features, rank), base.in_features, None),
-                "lora_b": ((rank, base.out_features), None, None)}
+        lead = tuple(base.kernel.shape[:-2])
+        return {"lora_a": (lead + (base.in_features, rank), base.in_features, None),
+                "lora_b": (lead + (rank, base.out_features), None, None)}
 
     def delta(self):
-        """a @ b * scale, float32 [in, out]."""
-        return jnp.dot(self.lora_a[...], self.lora_b[...], precision=jax.lax.Precision.HIGHEST) * \
-            self.ctx.config.scale
+        """a @ b * scale, float32 [(n,) in, out] (zero for layers the targets leave out)."""
+        d = jnp.matmul(self.lora_a[...], self.lora_b[...], precision=jax.lax.Precision.HIGHEST)
+        return d * _scale(self, 2)
 
     def weight(self):
-        """Merged kernel [in, out] in the compute dtype."""
+        """Merged kernel [(n,) in, out] in the compute dtype."""
         return (self.base.weight().astype(jnp.float32) + self.delta()).astype(self.dtype)
 
     def __call__(self, x):
         y = self.base(x)
-        xd = self.ctx.dropout(x, self.uid).astype(jnp.float32)
+        xd = self.ctx.dropout(x, self.uid, self.layer[...]).astype(jnp.float32)
         hi = jax.lax.Precision.HIGHEST
         d = jnp.dot(jnp.dot(xd, self.lora_a[...], precision=hi), self.lora_b[...], precision=hi)
-        return (y.astype(jnp.float32) + d * self.ctx.config.scale).astype(y.dtype)
+        return (y.astype(jnp.float32) + d * _scale(self)).astype(y.dtype)
+
+
+def _scale(wrapper, trailing: int = 0):
+    """alpha / r: a float when every layer of the stack is adapted; else float32 [] inside the
+    scanned layer body ([n] outside, with `trailing` unit dims), 0 where the layer is not
+    adapted (LoRALayer -1)."""
+    scale = wrapper.ctx.config.scale
+    if all(wrapper.active):
+        return scale
+    m = jnp.where(wrapper.layer[...] >= 0, scale, 0.0).astype(jnp.float32)
+    return m.reshape(m.shape + (1,) * trailing)
 
 
 class LoRAExperts(nnx.Module):
-    """Routed experts (stacked gate/up [E, D, I], down [E, I, D]) with per-expert adapters
-    `{proj}_a` [E, in, r] and `{proj}_b` [E, r, out] for proj in gate/up/down.
+    """Routed experts (stacked gate/up [n, E, D, I], down [n, E, I, D], n the layers of the
+    stack) with per-expert adapters `{proj}_a` [n, E, in, r] and `{proj}_b` [n, E, r, out] for
+    proj in gate/up/down (inside the scanned layer body: one layer's, without n).
 
     __call__(x [N, D], weights [N, k], experts [N, k]) -> [N, D] float32, the same grouped
     computation as `Experts` with each grouped matmul g(xs, W) replaced by
@@ -155,37 +182,41 @@ class LoRAExperts(nnx.Module):
     dropout); `weight(name)` returns merged stacks (for export).
     """
 
-    def __init__(self, base: Experts, ctx: LoRAContext, uid: int, factors: dict):
-        self.base, self.ctx, self.uid = base, ctx, uid
+    def __init__(self, base: Experts, ctx: LoRAContext, uid: int, factors: dict, active: tuple[bool, ...]):
+        self.base, self.ctx, self.uid, self.active = base, ctx, uid, active
+        factors = dict(factors)
+        self.layer = LoRALayer(factors.pop("layer"), axes=(LAYER_AXIS,))
         for name, value in factors.items():
-            setattr(self, name, LoRAWeight(value, axes=("experts", None, None)))
+            setattr(self, name, LoRAWeight(value, axes=(LAYER_AXIS, "experts", None, None)))
 
     @staticmethod
     def factor_init(base: Experts, rank: int):
         out = {}
         for i, name in enumerate(EXPERT_PROJ):
-            e, din, dout = getattr(base, name).shape
-            out[name + "_a"] = ((e, din, rank), din, i)
-            out[name + "_b"] = ((e, rank, dout), None, None)
+            shape = tuple(getattr(base, name).shape)
+            lead, (e, din, dout) = shape[:-3], shape[-3:]
+            out[name + "_a"] = (lead + (e, din, rank), din, i)
+            out[name + "_b"] = (lead + (e, rank, dout), None, None)
         return out
 
     def delta(self, name):
-        """A @ B * scale per expert, float32 [E, in, out]."""
-        return jnp.einsum("eir,ero->eio", getattr(self, name + "_a")[...], getattr(self, name + "_b")[...],
-                          precision=jax.lax.Precision.HIGHEST) * self.ctx.config.scale
+        """A @ B * scale per expert, float32 [(n,) E, in, out]."""
+        d = jnp.einsum("...eir,...ero->...eio", getattr(self, name + "_a")[...], getattr(self, name + "_b")[...],
+                       precision=jax.lax.Precision.HIGHEST)
+        return d * _scale(self, 3)
 
     def weight(self, name):
         return (self.base.weight(name).astype(jnp.float32) + self.delta(name)).astype(self.base.dtype)
 
     def _ffn(self, ops, xs, sizes, dropout: bool):
         """SwiGLU with adapters: xs [R, D] rows sorted by expert -> float32 [R, D]."""
-        scale = self.ctx.config.scale
+        scale = _scale(self)
 
         def gmm(a, w):
             return grouped_matmul(a, w, sizes)
 
         def proj(a, name, uid):
-            ad = (self.ctx.dropout(a, uid) if dropout else a).astype(jnp.float32)
+            ad = (self.ctx.dropout(a, uid, self.layer[...]) if dropout else a).astype(jnp.float32)
             low = gmm(ad, ops[name + "_a"])
             return self.base.gmm(ops, name, a, sizes) + gmm(low, ops[name + "_b"]) * scale
 
@@ -217,16 +248,23 @@ def _path_str(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _layer_modules(model, path) -> list[tuple[tuple, int]]:
+    """[(per-layer module path ("layers", i, ...), index on the layer axis)] of a stacked module."""
+    return [(lp[:-1], j) for lp, j in checkpoint_paths(tuple(path) + ("_",), model.cfg)]
+
+
+def _active_layers(model, path, pats) -> tuple[bool, ...]:
+    """Per layer of the stacked module at `path`: does a target match its per-layer path?"""
+    return tuple(any(p.fullmatch(_path_str(lp)) for p in pats) for lp, _ in _layer_modules(model, path))
+
+
 def find_targets(model, config: LoRAConfig) -> list[tuple[tuple, nnx.Module]]:
-    """(path, module) of every Linear / Experts of `model` whose dotted path fully matches a target."""
+    """(path, module) of every stacked Linear / Experts of `model` whose per-layer dotted path
+    (`layers.{i}.attn.q_a`) fully matches a target for at least one layer i of its stack."""
     pats = config.patterns()
-    out = []
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, (Linear, Experts)) and path and path[0] == "layers":
-            s = _path_str(path)
-            if any(p.fullmatch(s) for p in pats):
-                out.append((tuple(path), node))
-    return out
+    return [(tuple(path), node) for path, node in nnx.iter_graph(model)
+            if isinstance(node, (Linear, Experts)) and path and path[0] == "stacks"
+            and any(_active_layers(model, path, pats))]
 
 
 def _set_child(model, path, value):
@@ -252,26 +290,31 @@ def apply_lora(model, config: LoRAConfig):
     ctx = LoRAContext(config)
     kinds = [LoRAExperts if isinstance(node, Experts) else LoRALinear for _, node in targets]
     inits = tuple(tuple(kind.factor_init(node, config.rank).items()) for kind, (_, node) in zip(kinds, targets))
-    factors = _init_factors(config.seed, inits, getattr(getattr(model, "options", None), "mesh", None))
+    pats = config.patterns()
+    active = [_active_layers(model, path, pats) for path, _ in targets]
+    layers = tuple(tuple(lp[1] if on else -1 for (lp, _), on in zip(_layer_modules(model, path), act))
+                   for (path, _), act in zip(targets, active))
+    factors = _init_factors(config.seed, inits, layers, getattr(getattr(model, "options", None), "mesh", None))
     for uid, (kind, (path, node)) in enumerate(zip(kinds, targets)):
-        _set_child(model, path, kind(node, ctx, uid, factors[uid]))
+        _set_child(model, path, kind(node, ctx, uid, factors[uid], active[uid]))
     model.lora = ctx
     return model
 
 
-def _init_factors(seed: int, inits: tuple, mesh) -> list[dict]:
+def _init_factors(seed: int, inits: tuple, layers: tuple, mesh) -> list[dict]:
     """Initial adapter factors, created by one jitted function whose outputs are born where they
     live: replicated on every device of `mesh` (adapters are small), or on the default device.
 
     inits: per adapter ((name, (shape, fan_in, fold)), ...) from `factor_init`: A factors
     (fan_in set) are PEFT-uniform from fold_in(key(seed), uid) (further folded with `fold` when
-    set), B factors are zeros.
+    set), B factors are zeros. layers: per adapter, the decoder layer indices of its stack
+    (stored as its `layer` [n] int32, -1 for layers it leaves out).
     """
     def make():
         key = jax.random.key(seed)
         out = []
         for uid, named in enumerate(inits):
-            k, d = jax.random.fold_in(key, uid), {}
+            k, d = jax.random.fold_in(key, uid), {"layer": jnp.asarray(layers[uid], jnp.int32)}
             for name, (shape, fan_in, fold) in named:
                 if fan_in is None:
                     d[name] = jnp.zeros(shape, jnp.float32)
@@ -294,7 +337,8 @@ def adapters(model) -> list[tuple[tuple, nnx.Module]]:
 
 def count_params(model) -> tuple[int, int]:
     """(adapter parameters, base parameters)."""
-    n_lora = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, LoRAWeight)))
+    n_lora = sum(int(np.prod(v.shape)) * sum(w.active) // len(w.active)       # adapted layers only
+                 for _, w in adapters(model) for v in jax.tree.leaves(nnx.state(w, LoRAWeight)))
     n_base = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return n_lora, n_base
 
@@ -332,36 +376,35 @@ def transfer_adapters(src, dst):
     return dst
 
 
-def _peft_module_names(model, path, wrapper) -> list[tuple[str, str, str]]:
-    """[(hf module name, attribute of a, attribute of b)] for one adapter, per expert for Experts."""
+def _peft_entries(model, path, wrapper) -> list[tuple[str, str, str, tuple]]:
+    """[(hf module name, attribute of a, attribute of b, index into the stacked factors)] for
+    one adapter: one per layer of its stack (index (j,)), per expert for Experts ((j, e))."""
     cfg = model.cfg
-    if isinstance(wrapper, LoRALinear):
-        name = hf_source(path + ("kernel",), cfg).names[0]
-        return [(name[: -len(".weight")], "lora_a", "lora_b")]
     out = []
-    for proj in EXPERT_PROJ:
-        for name in hf_source(path + (proj,), cfg).names:
-            out.append((name[: -len(".weight")], proj + "_a", proj + "_b"))
+    for lp, j in _layer_modules(model, path):
+        if not wrapper.active[j]:
+            continue
+        if isinstance(wrapper, LoRALinear):
+            name = hf_source(lp + ("kernel",), cfg).names[0]
+            out.append((name[: -len(".weight")], "lora_a", "lora_b", (j,)))
+            continue
+        for proj in EXPERT_PROJ:
+            for e, name in enumerate(hf_source(lp + (proj,), cfg).names):
+                out.append((name[: -len(".weight")], proj + "_a", proj + "_b", (j, e)))
     return out
 
 
 def peft_tensors(model) -> dict[str, np.ndarray]:
     """{PEFT name: float32 array}: `base_model.model.<hf module>.lora_A.weight` [r, in] and
-    `...lora_B.weight` [out, r] (routed experts: one pair per expert)."""
+    `...lora_B.weight` [out, r] per layer (routed experts: one pair per expert)."""
     out = {}
     for path, wrapper in adapters(model):
-        names = _peft_module_names(model, path, wrapper)
-        if isinstance(wrapper, LoRALinear):
-            (mod, _, _), = names
-            out[f"base_model.model.{mod}.lora_A.weight"] = np.ascontiguousarray(np.asarray(wrapper.lora_a[...]).T)
-            out[f"base_model.model.{mod}.lora_B.weight"] = np.ascontiguousarray(np.asarray(wrapper.lora_b[...]).T)
-            continue
-        e = wrapper.base.gate.shape[0]
-        for i, (mod, an, bn) in enumerate(names):
-            a = np.asarray(getattr(wrapper, an)[...])[i % e]
-            b = np.asarray(getattr(wrapper, bn)[...])[i % e]
-            out[f"base_model.model.{mod}.lora_A.weight"] = np.ascontiguousarray(a.T)
-            out[f"base_model.model.{mod}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        host = {}
+        for mod, an, bn, idx in _peft_entries(model, path, wrapper):
+            for attr, x in ((an, "A"), (bn, "B")):
+                if attr not in host:
+                    host[attr] = np.asarray(getattr(wrapper, attr)[...])
+                out[f"base_model.model.{mod}.lora_{x}.weight"] = np.ascontiguousarray(host[attr][idx].T)
     return out
 
 
@@ -399,22 +442,20 @@ def load_peft(model, adapter_dir):
     tensors = load_file(str(d / "adapter_model.safetensors"))
     used = set()
     for path, wrapper in adapters(model):
-        names = _peft_module_names(model, path, wrapper)
-        if isinstance(wrapper, LoRALinear):
-            (mod, _, _), = names
-            a, b = (f"base_model.model.{mod}.lora_{x}.weight" for x in "AB")
-            wrapper.lora_a[...] = jnp.asarray(tensors[a].T, jnp.float32)
-            wrapper.lora_b[...] = jnp.asarray(tensors[b].T, jnp.float32)
-            used.update((a, b))
-            continue
-        e = wrapper.base.gate.shape[0]
-        for j, proj in enumerate(EXPERT_PROJ):
-            group = names[j * e:(j + 1) * e]
-            a_names = [f"base_model.model.{mod}.lora_A.weight" for mod, _, _ in group]
-            b_names = [f"base_model.model.{mod}.lora_B.weight" for mod, _, _ in group]
-            getattr(wrapper, proj + "_a")[...] = jnp.asarray(np.stack([tensors[n].T for n in a_names]), jnp.float32)
-            getattr(wrapper, proj + "_b")[...] = jnp.asarray(np.stack([tensors[n].T for n in b_names]), jnp.float32)
-            used.update(a_names + b_names)
+        values = {}
+        for mod, an, bn, idx in _peft_entries(model, path, wrapper):
+            for attr, x in ((an, "A"), (bn, "B")):
+                name = f"base_model.model.{mod}.lora_{x}.weight"
+                if name not in tensors:
+                    raise ValueError(f"{d}: adapter_model.safetensors has no tensor {name!r}")
+                v = values.setdefault(attr, np.zeros(getattr(wrapper, attr).shape, np.float32))
+                if v[idx].shape != tensors[name].T.shape:
+                    raise ValueError(f"{d}: tensor {name!r} has shape {tensors[name].shape}, expected "
+                                     f"{v[idx].T.shape}")
+                v[idx] = tensors[name].T
+                used.add(name)
+        for attr, v in values.items():
+            getattr(wrapper, attr)[...] = jnp.asarray(v, jnp.float32)
     unused = sorted(set(tensors) - used)
     if unused:
         raise ValueError(f"{d}: adapter tensors match no module of the model, e.g. {unused[:3]}")

@@ -3,9 +3,11 @@
 The step is a pure function of (adapters, frozen rest of the model, optimizer state, batch,
 step number). Inside it the model is rebuilt with `nnx.merge` and instrumented on that
 traced copy only (the persistent module tree and its state paths never change):
-  * each decoder Block is wrapped by `RematBlock` (jax.checkpoint around the block call: only
-    block inputs are saved for the backward, everything inside is recomputed);
-  * each MoE router is wrapped by `RouterProbe`, which records the tokens routed per expert;
+  * each stack of decoder layers runs its scanned layer body under jax.checkpoint
+    (`BlockStack.remat`: only layer inputs are saved for the backward, everything inside is
+    recomputed);
+  * each stacked MoE router is wrapped by `RouterProbe`, which records the tokens routed per
+    expert and layer;
   * the LoRA dropout key is fold_in(seed, step), so a resumed run draws the same masks.
 Gradients are taken w.r.t. the adapters (`LoRAWeight`) only, and optax updates only them: the
 base parameters are arguments that are never differentiated nor written.
@@ -24,8 +26,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsv32_jax.finetune.indexer_loss import N_STATS, AlignStat, install_probes, probe_stats, summarize
+from dsv32_jax.finetune.indexer_loss import N_STATS, install_probes, probe_stats, summarize
 from dsv32_jax.finetune.lora import LoRAKey, LoRAWeight
+from dsv32_jax.model import LAYER_AXIS
 from dsv32_jax.moe import MoE
 from dsv32_jax.sharding import batch_spec, put
 
@@ -66,16 +69,17 @@ def lr_schedule(hp: TrainHParams):
 
 # ------------------------------------------------------------------------------ instrumentation
 class LoadStat(nnx.Variable):
-    """Tokens routed to each expert in the last forward, float32 [E]."""
+    """Tokens routed to each expert in the last forward, float32 [n, E] (n: layers of a stack)."""
 
 
 class RouterProbe(nnx.Module):
-    """Wraps an MoE router; same outputs, and records the per-expert token count in `load`."""
+    """Wraps a stacked MoE router (n layers); same outputs, and records the per-expert token
+    count of each layer in `load` [n, E] (written from the scanned layer body)."""
 
-    def __init__(self, router, num_experts: int):
+    def __init__(self, router, num_experts: int, layers: int):
         self.router = router
         self.num_experts = num_experts
-        self.load = LoadStat(jnp.zeros((num_experts,), jnp.float32))
+        self.load = LoadStat(jnp.zeros((layers, num_experts), jnp.float32), axes=(LAYER_AXIS, None))
 
     def __call__(self, x):
         w, e, s = self.router(x)
@@ -83,44 +87,21 @@ class RouterProbe(nnx.Module):
         return w, e, s
 
 
-class RematBlock(nnx.Module):
-    """Wraps a decoder Block: its call runs under jax.checkpoint (per-layer rematerialisation).
-
-    The block is split into (graphdef, state) and rebuilt inside the checkpointed function; the
-    router statistics written inside come back as outputs and are written to the block.
-    """
-
-    def __init__(self, block):
-        self.block = block
-
-    def __call__(self, h, positions, cos, sin, **kw):
-        graphdef, state = nnx.split(self.block)
-
-        def run(state, h, positions, cos, sin):
-            blk = nnx.merge(graphdef, state)
-            out = blk(h, positions, cos, sin, **kw)
-            return out, nnx.state(blk, (LoadStat, AlignStat))
-
-        out, stats = jax.checkpoint(run)(state, h, positions, cos, sin)
-        nnx.update(self.block, stats)
-        return out
-
-
 def instrument(model, *, remat: bool, training: bool, key_data=None) -> list[RouterProbe]:
-    """Prepare a (traced) model copy for a step; returns the router probes (one per MoE layer)."""
+    """Prepare a (traced) model copy for a step; returns the router probes (one per stack of
+    MoE layers; their loads concatenate to [n_moe_layers, E])."""
     if getattr(model, "lora", None) is not None:
         model.lora.training = training
         if key_data is not None:
             model.lora.key = LoRAKey(key_data)     # a new variable: the old one belongs to an outer trace
     probes = []
-    for layer in model.layers:
-        if isinstance(layer.mlp, MoE):
-            probe = RouterProbe(layer.mlp.router, model.cfg.n_routed_experts)
-            layer.mlp.router = probe
+    for stack in model.stacks:
+        stack.remat = remat
+        mlp = stack.block.mlp
+        if isinstance(mlp, MoE):
+            probe = RouterProbe(mlp.router, model.cfg.n_routed_experts, stack.n)
+            mlp.router = probe
             probes.append(probe)
-    if remat:
-        for i in range(len(model.layers)):
-            model.layers[i] = RematBlock(model.layers[i])
     return probes
 
 
@@ -143,7 +124,7 @@ def forward_loss(model, batch):
 def _loads(probes):
     if not probes:
         return jnp.zeros((0, 0), jnp.float32)
-    return jnp.stack([p.load[...] for p in probes])
+    return jnp.concatenate([p.load[...] for p in probes])
 
 
 def _align(aprobes):

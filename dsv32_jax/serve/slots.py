@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
+from dsv32_jax.model import cache_batch_axes, per_layer
 from dsv32_jax.serve.sampling import apply_penalties, count_tokens, sample_rows, token_logprobs
 
 BLOCK = 64            # prefix-cache unit, as DeepSeek's API
@@ -47,9 +48,9 @@ BLOCK = 64            # prefix-cache unit, as DeepSeek's API
 class Slots:
     """Device state of all slots (S = max_slots).
 
-    caches: list of LayerCache [S, max_len, ...]; tokens int32 [S] (last sampled token, not yet
-    in the cache); positions int32 [S] (its position); live bool [S]; count int32 [S] (tokens
-    generated); max_new int32 [S]; temperature, top_p f32 [S]; top_k int32 [S];
+    caches: list of LayerCache [layers, S, max_len, ...] (one per stack of layers); tokens int32
+    [S] (last sampled token, not yet in the cache); positions int32 [S] (its position); live bool
+    [S]; count int32 [S] (tokens generated); max_new int32 [S]; temperature, top_p f32 [S]; top_k int32 [S];
     seeds uint32 [S, 2] (key data of each request's PRNG stream); penalty f32 [S, 2] (presence,
     frequency: OpenAI's penalties); counts int32 [S, V] (times each token was generated, kept
     up to date only for rows with a penalty).
@@ -131,7 +132,7 @@ class SlotModel:
         n_lp = top_logprobs
         mesh = module.options.mesh
         shardings = module.cache_shardings(max_slots, max_len)
-        axes = None if shardings is None else shardings[0].latent.spec[0]
+        axes = cache_batch_axes(shardings)
         self.mesh, self.batch_axes = mesh, axes
         self.lanes = 1 if axes is None else math.prod(
             mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
@@ -160,13 +161,13 @@ class SlotModel:
             """Cache rows [P, max_len, ...] of the lanes' slots (slot -1: any row of the lane)."""
             def take(_, c, i):
                 li = jnp.where(i >= 0, i % s_local, 0)
-                return jax.tree.map(lambda x: jnp.take(x, li, axis=0), c)
+                return jax.tree.map(per_layer(lambda x: jnp.take(x, li, axis=0)), c)
             return per_shard(take, (cache_specs, lane_spec), cache_specs)(caches, lane_slots)
 
         def put_rows(caches, row, lane_slots):
             def put(_, c, r, i):
                 li = jnp.where(i >= 0, i % s_local, 0)
-                return jax.tree.map(lambda x, y: _scatter(x, (li,), y), c, r)
+                return jax.tree.map(per_layer(lambda x, y: _scatter(x, (li,), y)), c, r)
             return per_shard(put, (cache_specs, cache_specs, lane_spec), cache_specs)(caches, row, lane_slots)
 
         def prefill(state, slots, lane_slots, ids, starts, lasts, h):
@@ -269,8 +270,8 @@ class SlotModel:
             def read(shard, c, slot, start):
                 owner = (slot // s_local) == shard
                 li = slot % s_local
-                blk = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(jnp.take(x, li, axis=0), start, BLOCK, 0),
-                                   c)
+                blk = jax.tree.map(per_layer(
+                    lambda x: jax.lax.dynamic_slice_in_dim(jnp.take(x, li, axis=0), start, BLOCK, 0)), c)
                 blk = jax.tree.map(lambda x: jnp.where(owner, x, jnp.zeros_like(x)), blk)
                 if axes is None:
                     return blk
@@ -278,14 +279,14 @@ class SlotModel:
 
             rep = None if axes is None else [jax.tree.map(lambda _: PS(), cache_specs[0])] * len(cache_specs)
             blk = per_shard(read, (cache_specs, PS(), PS()), rep)(slots.caches, slot, block * BLOCK)
-            return [jax.tree.map(lambda p, b: p.at[entry].set(b), p_l, b_l) for p_l, b_l in zip(pool, blk)]
+            return [jax.tree.map(per_layer(lambda p, b: p.at[entry].set(b)), p_l, b_l) for p_l, b_l in zip(pool, blk)]
 
         def load_block(slots, pool, slot, block, entry):
             """Rows [block*64, block*64 + 64) of `slot` <- pool entry `entry`, every layer."""
             def write(shard, c, pool, slot, entry, start):
                 li = jnp.where((slot // s_local) == shard, slot % s_local, s_local)     # others: dropped
                 cols = start + jnp.arange(BLOCK, dtype=jnp.int32)
-                return [jax.tree.map(lambda x, p: _scatter(x, (li, cols), p[entry]), cl, pl)
+                return [jax.tree.map(per_layer(lambda x, p: _scatter(x, (li, cols), p[entry])), cl, pl)
                         for cl, pl in zip(c, pool)]
 
             rep = None if axes is None else [jax.tree.map(lambda _: PS(), cache_specs[0])] * len(cache_specs)
@@ -332,7 +333,7 @@ class SlotModel:
         return slot // self.slots_per_lane
 
     def new_pool(self, entries: int) -> list:
-        """Prefix pool: per layer, LayerCache of [entries, 64, ...] rows (both caches),
+        """Prefix pool: per stack, LayerCache of [layers, entries, 64, ...] rows (both caches),
         replicated on every device of the mesh."""
         shapes = self.module.cache_shapes(entries, BLOCK)
         out = None if self.mesh is None else jax.tree.map(lambda _: NamedSharding(self.mesh, PS()), shapes)

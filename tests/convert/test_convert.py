@@ -169,8 +169,8 @@ def test_restore_into_requested_shardings(converted):
     flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(single)}
 
     def want(p):
-        if p[-1] in ("gate", "up", "down"):
-            return NamedSharding(mesh, P("x"))            # 16 experts over 4 devices
+        if p[-1] in ("gate", "up", "down"):                # 16 experts over 4 devices
+            return NamedSharding(mesh, P(None, "x") if p[0] == "stacks" else P("x"))
         if p == ("lm_head", "kernel"):
             return NamedSharding(mesh, P(None, "x"))
         return NamedSharding(mesh, P())
@@ -198,10 +198,10 @@ def test_restore_with_a_mesh_uses_the_logical_axis_rules(converted):
     for p, var in nnx.to_flat_state(state):
         assert var.get_value().sharding == want[p], p
     # each device holds only its own slice: experts / 4 (expert axis), hidden / 2 (tensor axis)
-    gate = state["layers"][1]["mlp"]["experts"]["gate"].get_value()
-    e, d, i = gate.shape
+    gate = state["stacks"][1]["block"]["mlp"]["experts"]["gate"].get_value()     # layers 1-2, stacked
+    n, e, d, i = gate.shape
     assert {s.device for s in gate.addressable_shards} == set(mesh.devices.flat)
-    assert all(s.data.shape == (e // 4, d, i // 2) for s in gate.addressable_shards)
+    assert all(s.data.shape == (n, e // 4, d, i // 2) for s in gate.addressable_shards)
 
 
 def test_rerun_on_complete_output_writes_nothing(converted, tmp_path):

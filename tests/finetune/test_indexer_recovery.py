@@ -33,7 +33,7 @@ CFG = ModelConfig(vocab_size=V, hidden_size=64, intermediate_size=64, moe_interm
 def _model():
     model = Transformer(CFG, RuntimeOptions(dtype=jnp.float32, numerics="exact"), rngs=nnx.Rngs(0))
     for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if "attn" in p and "indexer" not in p and v.get_value().ndim == 2:
+        if "attn" in p and "indexer" not in p and v.get_value().ndim - (p[0] == "stacks") == 2:   # matrices
             v.set_value(v.get_value() * 12.0)
     return model
 

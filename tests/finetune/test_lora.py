@@ -15,7 +15,7 @@ import dsv32_jax
 from dsv32_jax.export import save_hf
 from dsv32_jax.finetune.data import Batch
 from dsv32_jax.finetune.lora import (LoRAConfig, LoRAExperts, LoRALinear, LoRAWeight, adapters, apply_lora,
-                                     load_peft, merged_module, save_peft)
+                                     count_params, load_peft, merged_module, save_peft)
 from dsv32_jax.finetune.train import TrainHParams, Trainer, eval_step, forward_loss, instrument
 
 B, T = 2, 32          # T well above the tiny model's index_topk (8): attention is sparse
@@ -56,8 +56,10 @@ def test_wrapping_selects_targets_and_starts_as_identity(tiny_hf):
     n_params = len(jax.tree.leaves(nnx.state(model, nnx.Param)))
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=ALL))
     wrapped = {".".join(map(str, p)): type(w) for p, w in adapters(model)}
-    assert wrapped["layers.0.attn.q_a"] is LoRALinear and wrapped["layers.0.mlp.up"] is LoRALinear
-    assert wrapped["layers.1.mlp.shared.down"] is LoRALinear and wrapped["layers.2.mlp.experts"] is LoRAExperts
+    # stacks: layer 0 (dense), layers 1-2 (MoE); one wrapper per stacked module
+    assert wrapped["stacks.0.block.attn.q_a"] is LoRALinear and wrapped["stacks.0.block.mlp.up"] is LoRALinear
+    assert wrapped["stacks.1.block.mlp.shared.down"] is LoRALinear
+    assert wrapped["stacks.1.block.mlp.experts"] is LoRAExperts
     assert not any("indexer" in k or "router" in k for k in wrapped)
     # the adapter filter selects exactly the factors; the base parameters are untouched in number
     lora_paths = [p for p, _ in nnx.to_flat_state(nnx.state(model, LoRAWeight))]
@@ -137,6 +139,34 @@ def test_merged_export_and_peft_roundtrip_match_adapter_logits(tiny_hf, tmp_path
     np.testing.assert_array_equal(np.asarray(fn3(st3, ids)), ref)    # the same float32 values
 
 
+def test_targets_covering_part_of_a_layer_stack(tiny_hf, tmp_path):
+    """layers 0-1 of q_b: layer 1 shares its stack with layer 2, whose slice stays masked out of
+    the forward, the merge, the export and the parameter count."""
+    _, path = tiny_hf
+    model = apply_lora(_load(path), LoRAConfig(rank=4, targets=(r"layers\.[01]\.attn\.q_b",)))
+    assert [w.active for _, w in adapters(model)] == [(True,), (True, False)]
+    _randomise_adapters(model)            # layer 2's slice gets values too: they must not count
+    ids = jnp.asarray(_batch(3).inputs)
+    fn, st = _logits_fn(model)
+    ref = np.asarray(fn(st, ids))
+    merged = merged_module(model)
+    base = _load(path)
+    q_b = lambda m: np.asarray(m.stacks[1].block.attn.q_b.kernel[...])       # noqa: E731  [2, in, out]
+    np.testing.assert_array_equal(q_b(merged)[1], q_b(base)[1])              # layer 2 untouched
+    assert np.abs(q_b(merged)[0] - q_b(base)[0]).max() > 1e-3                # layer 1 adapted
+    fn2, st2 = _logits_fn(merged)
+    np.testing.assert_allclose(np.asarray(fn2(st2, ids)), ref, rtol=1e-4, atol=1e-4)   # as the merged export test
+    save_peft(model, tmp_path / "adapter")
+    names = sorted(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    assert [n.split(".")[4] for n in names] == ["0", "0", "1", "1"]
+    assert all(".q_b_proj." in n for n in names)
+    n_lora, _ = count_params(model)
+    cfg = model.cfg
+    assert n_lora == 2 * 4 * (cfg.q_lora_rank + cfg.num_attention_heads * cfg.qk_head_dim)
+    fn3, st3 = _logits_fn(load_peft(_load(path), tmp_path / "adapter"))
+    np.testing.assert_array_equal(np.asarray(fn3(st3, ids)), ref)
+
+
 def test_lora_grads_through_sparse_kernel_match_xla(tiny_hf, monkeypatch):
     """LoRA gradients through the sparse attention: the Pallas kernel (interpret mode) with its
     custom_vjp backward, and the default CPU path ("xla": blockwise forward + the same
@@ -192,7 +222,7 @@ def test_fp8_base_stays_frozen_and_merges_via_dequantised_base(tmp_path):
     hf, _ = make_hf_model(tmp_path / "hf", seed=5, num_hidden_layers=2)
     write_release_checkpoint(hf, tmp_path / "rel", block=(32, 32), mtp=False)
     fp8 = dsv32_jax.load(tmp_path / "rel", dtype=jnp.float32, numerics="exact", fp8_weights=True).module
-    assert fp8.layers[0].attn.q_a.kernel.dtype == jnp.float8_e4m3fn
+    assert fp8.stacks[0].block.attn.q_a.kernel.dtype == jnp.float8_e4m3fn
     apply_lora(fp8, LoRAConfig(rank=4, targets=("attn", "experts")))
     before = jax.tree.map(np.asarray, nnx.state(fp8, nnx.Param))
     trainer = Trainer(fp8, TrainHParams(lr=1e-2, steps=3, warmup=1, remat=False))

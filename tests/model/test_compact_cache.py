@@ -61,7 +61,8 @@ def _run(st, kv_cache, attention_impl, kernel_backend=None):
 def test_compact_cache_equals_dense_cache(state):
     dense = _run(state, "dense", "xla")
     comp = _run(state, "fp8", "xla")
-    c, d = comp[2][0], dense[2][0]
+    # the caches of the one stack of layers, [layers, B, L, ...]: its only layer
+    c, d = (jax.tree.map(lambda x: x[0], run[2][0]) for run in (comp, dense))
     r = CFG.kv_lora_rank
     assert c.latent.dtype == jnp.float8_e4m3fn and c.latent.shape == (B, MAX_LEN, r)
     assert c.latent_scale.shape == (B, MAX_LEN, 1) and c.rope.shape == (B, MAX_LEN, CFG.qk_rope_head_dim)
@@ -102,14 +103,14 @@ def test_prefix_pool_carries_the_compact_rows(state):
     sm = SlotModel(module, max_slots=2, max_len=2 * BLOCK, chunk=16, steps=1)
     slots, pool = sm.new_slots(), sm.new_pool(3)
     names = ("latent", "latent_scale", "rope", "index_k", "index_k_scale")
-    assert pool[0].latent.dtype == jnp.float8_e4m3fn and pool[0].latent.shape == (3, BLOCK, CFG.kv_lora_rank)
+    assert pool[0].latent.dtype == jnp.float8_e4m3fn and pool[0].latent.shape == (1, 3, BLOCK, CFG.kv_lora_rank)
     assert all(getattr(pool[0], n) is not None for n in names)
     keys = iter(jax.random.split(jax.random.key(3), 16))
     caches = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape).astype(x.dtype), slots.caches)
-    want = {n: np.asarray(getattr(caches[0], n)[0, BLOCK:2 * BLOCK], np.float32) for n in names}
+    want = {n: np.asarray(getattr(caches[0], n)[:, 0, BLOCK:2 * BLOCK], np.float32) for n in names}
     slots = dataclasses.replace(slots, caches=caches)
     i32 = jnp.int32
     pool = sm._save_block(slots, pool, i32(0), i32(1), i32(2))       # slot 0, block 1 -> entry 2
     slots = sm._load_block(slots, pool, i32(1), i32(0), i32(2))      # entry 2 -> slot 1, block 0
     for n in names:
-        np.testing.assert_array_equal(np.asarray(getattr(slots.caches[0], n)[1, :BLOCK], np.float32), want[n], n)
+        np.testing.assert_array_equal(np.asarray(getattr(slots.caches[0], n)[:, 1, :BLOCK], np.float32), want[n], n)

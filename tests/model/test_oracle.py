@@ -131,7 +131,7 @@ def test_fp8_release_layout_loads_and_matches(tmp_path):
         model = dsv32_jax.load(tmp_path / "rel", dtype=jnp.float32, numerics="exact", fp8_weights=fp8_weights)
         _assert_close_logits(model(ids), ref)
         if fp8_weights:
-            k = model.module.layers[0].attn.kv_a.kernel[...]
+            k = model.module.stacks[0].block.attn.kv_a.kernel[...]
             assert k.dtype == jnp.float8_e4m3fn
 
 

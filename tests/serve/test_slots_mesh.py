@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import dsv32_jax
+from dsv32_jax.model import CACHE_BATCH_AXIS
 from multihost_cases import run_serving
 
 
@@ -18,7 +19,7 @@ def test_mesh_slots_equal_one_device(tiny_hf, single, mesh):
     eng, reqs = run_serving(dsv32_jax.load(tiny_hf[1], dtype=jnp.float32, numerics="exact", mesh=mesh))
     assert eng.sm.lanes == (8 if mesh == "expert=8" else 4)
     leaf = eng.slots.caches[0].latent
-    assert {sh.data.shape[0] for sh in leaf.addressable_shards} == {8 // eng.sm.lanes}
+    assert {sh.data.shape[CACHE_BATCH_AXIS] for sh in leaf.addressable_shards} == {8 // eng.sm.lanes}
     assert reqs[-1].cached_tokens == 128
     for r, want in zip(reqs, single):
         assert r.tokens == want.tokens

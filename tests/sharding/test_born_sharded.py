@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import dsv32_jax
 from dsv32_jax.finetune.lora import LoRAConfig, LoRAWeight, apply_lora
 from dsv32_jax.finetune.train import TrainHParams, Trainer
+from dsv32_jax.model import CACHE_BATCH_AXIS
 from flax import nnx
 
 MESHES = ["data=8", "expert=8", "tensor=2,expert=4", "data=2,expert=2,tensor=2"]
@@ -34,8 +35,8 @@ def test_caches_born_with_their_sharding(models, mesh):
     split = math.prod(mesh_shape[a] for a in batch_axes)
     for want in jax.tree.leaves(targets):
         # the rule table's batch axes, nothing else (MQA latent: every head reads every entry)
-        assert want.spec[0] == (batch_axes[0] if len(batch_axes) == 1 else batch_axes)
-        assert all(s is None for s in want.spec[1:])
+        assert want.spec[CACHE_BATCH_AXIS] == (batch_axes[0] if len(batch_axes) == 1 else batch_axes)
+        assert all(s is None for i, s in enumerate(want.spec) if i != CACHE_BATCH_AXIS)
     assert jax.tree.leaves(compiled.output_shardings) == jax.tree.leaves(targets)
     # per device the compiled creator outputs exactly one slice and needs no temporaries:
     # nothing is built whole on one device and then split
@@ -48,7 +49,7 @@ def test_caches_born_with_their_sharding(models, mesh):
     caches = creator()
     for arr, want in zip(jax.tree.leaves(caches), jax.tree.leaves(targets)):
         assert arr.sharding == want
-        assert {sh.data.shape[0] for sh in arr.addressable_shards} == {batch // split}
+        assert {sh.data.shape[CACHE_BATCH_AXIS] for sh in arr.addressable_shards} == {batch // split}
         assert not np.any(np.asarray(arr.addressable_shards[0].data.astype(jnp.float32)))
 
 

@@ -20,7 +20,6 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsv32_jax.attention import LayerCache
 from dsv32_jax.config import ModelConfig
 from dsv32_jax.finetune.lora import LoRAConfig, LoRAWeight, apply_lora
 from dsv32_jax.finetune.train import TrainHParams, make_optimizer, train_step
@@ -78,9 +77,9 @@ def _lower_all(mesh_str, platform):
     model = nnx.eval_shape(lambda: Transformer(cfg, opts, rngs=nnx.Rngs(0)))
     gd, st = nnx.split(model)
     st = _abstract(st, mesh, param_shardings(st, mesh))
-    caches = [LayerCache(_rows(mesh, (B, L, cfg.kv_dim), jnp.bfloat16),
-                         _rows(mesh, (B, L, cfg.index_head_dim), jnp.float8_e4m3fn),
-                         _rows(mesh, (B, L), jnp.float32)) for _ in range(cfg.num_hidden_layers)]
+    # one LayerCache per stack of layers, leaves [n, B, L, ...], batch split by the rule table
+    caches = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          model.cache_shapes(B, L), model.cache_shardings(B, L))
 
     def forward(st, ids):
         return nnx.merge(gd, st)(ids)

@@ -42,15 +42,15 @@ def test_param_shardings_follow_rules_and_shards_stay_on_their_devices(single):
         want = spec_for(var.get_metadata()["axes"], arr.shape, mesh)
         assert arr.sharding.spec == want, path_str(p)
     st = model.state
-    assert st["layers"][1]["mlp"]["experts"]["gate"].get_value().sharding.spec == P("expert", None, "tensor")
-    assert st["layers"][1]["mlp"]["experts"]["down"].get_value().sharding.spec == P("expert", "tensor", None)
-    assert st["layers"][0]["attn"]["q_b"]["kernel"].get_value().sharding.spec == P(None, "tensor")
-    assert st["layers"][0]["attn"]["o"]["kernel"].get_value().sharding.spec == P("tensor", None)
+    assert st["stacks"][1]["block"]["mlp"]["experts"]["gate"].get_value().sharding.spec == P(None, "expert", None, "tensor")
+    assert st["stacks"][1]["block"]["mlp"]["experts"]["down"].get_value().sharding.spec == P(None, "expert", "tensor", None)
+    assert st["stacks"][0]["block"]["attn"]["q_b"]["kernel"].get_value().sharding.spec == P(None, None, "tensor")
+    assert st["stacks"][0]["block"]["attn"]["o"]["kernel"].get_value().sharding.spec == P(None, "tensor", None)
     assert st["embed"]["embedding"].get_value().sharding.spec == P("tensor", None)
     # each device holds exactly its slice: 16 experts / 4, hidden 32 / 2
-    gate = st["layers"][1]["mlp"]["experts"]["gate"].get_value()
+    gate = st["stacks"][1]["block"]["mlp"]["experts"]["gate"].get_value()     # layers 1-2, stacked
     shards = gate.addressable_shards
-    assert len(shards) == 8 and all(s.data.shape == (4, 64, 16) for s in shards)
+    assert len(shards) == 8 and all(s.data.shape == (2, 4, 64, 16) for s in shards)
     full = np.asarray(gate)
     for s in shards:
         np.testing.assert_array_equal(np.asarray(s.data), full[s.index])

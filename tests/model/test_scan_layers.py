@@ -1,0 +1,79 @@
+"""The decoder layers run as one lax.scan per stack of same-structure layers: the lowered decode
+step does not grow with depth (it grew linearly while the layers were unrolled), and the
+stacked layout maps one-to-one onto the per-layer checkpoint names."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv32_jax.config import load_config
+from dsv32_jax.model import RuntimeOptions, Transformer, layer_groups
+from dsv32_jax.params import abstract_params, checkpoint_paths, state_path
+
+
+def _config(layers: int):
+    return load_config("configs/deepseek-v3.2-exp.json").replace(num_hidden_layers=layers, first_k_dense_replace=1,
+                                                                  num_nextn_predict_layers=0)
+
+
+def _decode_step_text(layers: int) -> str:
+    """StableHLO of one decode step (batch 4, 1024 cached tokens) of the release's layer shapes
+    with `layers` decoder layers, lowered from abstract arrays (nothing allocated)."""
+    cfg = _config(layers)
+    model = nnx.eval_shape(lambda: Transformer(cfg, RuntimeOptions(dtype=jnp.bfloat16, fp8_weights=True,
+                                                                   attention_impl="xla"), rngs=nnx.Rngs(0)))
+    gd, state = nnx.split(model)
+    caches = jax.eval_shape(lambda: nnx.merge(gd, state).init_caches(4, 1024))
+
+    def step(state, caches, tokens, positions):
+        m = nnx.merge(gd, state)
+        h, _, caches = m.hidden(tokens[:, None], positions[:, None], caches)
+        return caches, m.logits(h[:, 0])
+
+    tok = jax.ShapeDtypeStruct((4,), jnp.int32)
+    return jax.jit(step).lower(state, caches, tok, tok).as_text()
+
+
+def test_decode_step_does_not_grow_with_depth():
+    # 1 dense + 2 MoE layers vs 1 dense + 6 MoE layers: unrolled, the second program would be
+    # ~2.5x the first; scanned, only the loop bounds and stacked shapes differ. 2% leaves room
+    # for those digits while failing for one extra unrolled layer (~15% of the program here).
+    small, deep = _decode_step_text(3), _decode_step_text(7)
+    assert small.count("stablehlo.while") == deep.count("stablehlo.while")
+    assert abs(len(deep) - len(small)) <= 0.02 * len(small), (len(small), len(deep))
+
+
+def test_stacks_map_onto_per_layer_checkpoint_paths():
+    cfg = _config(5).replace(first_k_dense_replace=2)
+    assert layer_groups(cfg) == [(0, 2, False), (2, 3, True)]
+    opts = RuntimeOptions(dtype=jnp.bfloat16)
+    model = nnx.eval_shape(lambda: Transformer(cfg, opts, rngs=nnx.Rngs(0)))
+    kernel = model.stacks[1].block.attn.q_a.kernel
+    assert kernel.shape == (3, cfg.hidden_size, cfg.q_lora_rank)
+    assert kernel.get_metadata()["axes"] == ("layers", "embed", "q_lora")
+    path = ("stacks", 1, "block", "attn", "q_a", "kernel")
+    want = [(("layers", i, "attn", "q_a", "kernel"), i - 2) for i in (2, 3, 4)]
+    assert checkpoint_paths(path, cfg) == want
+    assert all(state_path(lp, cfg) == (path, j) for lp, j in want)
+    table = abstract_params(cfg, opts)            # the checkpoint layout: one entry per layer
+    assert table[("layers", 4, "attn", "q_a", "kernel")].shape == (cfg.hidden_size, cfg.q_lora_rank)
+    assert table[("layers", 4, "attn", "q_a", "kernel")].axes == ("embed", "q_lora")
+    assert not any(p[0] == "stacks" for p in table)
+
+
+def test_lowered_collectives_count_scan_iterations():
+    """A collective inside a scan over 3 layers runs 3 times per call (the lowered text holds it
+    once), so per-layer figures from `collectives` stay per layer."""
+    from jax.sharding import PartitionSpec as P
+
+    from dsv32_jax.introspect import collectives
+
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+    exchange = jax.shard_map(lambda a: jax.lax.all_to_all(a, "x", 1, 1, tiled=True), mesh=mesh,
+                             in_specs=P("x"), out_specs=P("x"))
+
+    def layers(x, w):
+        return jax.lax.scan(lambda c, wi: (exchange(c * wi.sum()), None), x, w)[0]
+
+    text = jax.jit(layers).lower(jnp.ones((8, 16)), jnp.ones((3, 5))).as_text()
+    (c,) = collectives(text)
+    assert (c.op, c.operand_bytes, c.calls) == ("all_to_all", 2 * 16 * 4, 3)
