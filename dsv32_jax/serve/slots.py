@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
+from dsv32_jax.attention import BITS_HOLD, _bits_dtype
 from dsv32_jax.serve.sampling import sample_rows, token_logprobs
 
 BLOCK = 64            # prefix-cache unit, as DeepSeek's API
@@ -47,7 +48,8 @@ BLOCK = 64            # prefix-cache unit, as DeepSeek's API
 class Slots:
     """Device state of all slots (S = max_slots).
 
-    caches: list of LayerCache [S, max_len, ...]; tokens int32 [S] (last sampled token, not yet
+    caches: list of LayerCache [S, max_len, ...], bfloat16 / float8 arrays held as their bits
+    (LayerCache.as_bits: updated in place on every backend); tokens int32 [S] (last sampled token, not yet
     in the cache); positions int32 [S] (its position); live bool [S]; count int32 [S] (tokens
     generated); max_new int32 [S]; temperature, top_p f32 [S]; top_k int32 [S];
     seeds uint32 [S, 2] (key data of each request's PRNG stream).
@@ -70,19 +72,31 @@ def _row_keys(seeds, count):
 
 def _psum_bits(x, axes):
     """Sum over the batch shards where exactly one shard holds non-zero values (float8 has no
-    all-reduce: move its bits as uint8, which the zero contributions leave unchanged)."""
+    all-reduce, and narrow ints may lack one: move the bits as int32, which the zero
+    contributions leave unchanged)."""
     if x.dtype.itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating):
         bits = jax.lax.psum(jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.int32), axes)
         return jax.lax.bitcast_convert_type(bits.astype(jnp.uint8), x.dtype)
+    if x.dtype.itemsize < 4 and jnp.issubdtype(x.dtype, jnp.integer):
+        return jax.lax.psum(x.astype(jnp.int32), axes).astype(x.dtype)
     return jax.lax.psum(x, axes)
 
 
+def _bit_held(shapes):
+    """Cache shapes (LayerCache of ShapeDtypeStruct) with bfloat16 / float8 arrays as the
+    unsigned ints that hold their bits (see LayerCache.as_bits)."""
+    held = {f: b for b, f in BITS_HOLD.items()}
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, held.get(jnp.dtype(x.dtype), x.dtype)), shapes)
+
+
 def _scatter(x, index, value):
-    """x.at[index].set(value), dropping out-of-range rows; float8 arrays are scattered as their
-    uint8 bits (XLA has no float8 scatter on some backends)."""
-    if x.dtype.itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating):
-        bits = jax.lax.bitcast_convert_type(x, jnp.uint8)
-        bits = bits.at[index].set(jax.lax.bitcast_convert_type(value.astype(x.dtype), jnp.uint8), mode="drop")
+    """x.at[index].set(value), dropping out-of-range rows; narrow float arrays (float8, bf16)
+    are scattered as their unsigned-int bits (XLA has no float8 scatter on some backends, and
+    XLA:CPU scatters bf16 through a float32 copy of the whole array)."""
+    bits_dtype = _bits_dtype(x.dtype)
+    if bits_dtype is not None:
+        bits = jax.lax.bitcast_convert_type(x, bits_dtype)
+        bits = bits.at[index].set(jax.lax.bitcast_convert_type(value.astype(x.dtype), bits_dtype), mode="drop")
         return jax.lax.bitcast_convert_type(bits, x.dtype)
     return x.at[index].set(value.astype(x.dtype), mode="drop")
 
@@ -299,7 +313,9 @@ class SlotModel:
         """Zeroed slot state, born where it lives (caches and per-slot fields split over the
         batch axes under a mesh)."""
         s = self.max_slots
-        caches = self.module.init_caches(s, self.max_len)
+        shapes = _bit_held(self.module.cache_shapes(s, self.max_len))
+        caches = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
+                         out_shardings=self.module.cache_shardings(s, self.max_len))()
 
         def fields():                      # distinct buffers: the state is donated to every call
             i32 = lambda: jnp.zeros((s,), jnp.int32)      # noqa: E731
@@ -317,7 +333,7 @@ class SlotModel:
     def new_pool(self, entries: int) -> list:
         """Prefix pool: per layer, LayerCache of [entries, 64, ...] rows (both caches),
         replicated on every device of the mesh."""
-        shapes = self.module.cache_shapes(entries, BLOCK)
+        shapes = _bit_held(self.module.cache_shapes(entries, BLOCK))
         out = None if self.mesh is None else jax.tree.map(lambda _: NamedSharding(self.mesh, PS()), shapes)
         return jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), out_shardings=out)()
 
