@@ -103,11 +103,17 @@ def sparse_mla_blockwise(q, kv, indices, *, softmax_scale, v_dim, rows_per_step=
     b2 = jnp.minimum(jnp.arange(Rp, dtype=jnp.int32) // T, B - 1)
     L = kv.shape[1]
     kv_flat = kv.reshape(B * L, Dk)           # one-index gather: b * L + index
+    if kv.dtype == jnp.bfloat16:
+        # gather the bits: XLA:CPU gathers bfloat16 through a float32 copy of the whole cache
+        bits = lax.bitcast_convert_type(kv_flat, jnp.uint16)
+        gather = lambda i: lax.bitcast_convert_type(bits[i], jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+    else:
+        gather = lambda i: kv_flat[i].astype(jnp.float32)  # noqa: E731
 
     def step(x):
         qc, ic, bc = x                    # [r, H, Dk], [r, K], [r]
         valid = ic >= 0
-        rows = kv_flat[bc[:, None] * L + jnp.where(valid, ic, 0)].astype(jnp.float32)
+        rows = gather(bc[:, None] * L + jnp.where(valid, ic, 0))
         s = lax.dot_general(qc.astype(jnp.float32), rows, (((2,), (2,)), ((0,), (0,))),
                             precision=_HI) * softmax_scale                    # [r, H, K]
         s = jnp.where(valid[:, None, :], s, -jnp.inf)
