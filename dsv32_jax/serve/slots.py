@@ -16,9 +16,10 @@ chunk), are:
     insert_masked(..., mask [W]) / decode_masked(state, slots, eos, masks [S, W])
         the same with token masks (int32 bit words, W = ceil(V / 32)) applied before sampling;
         decode_masked runs one step (the host computes each constrained row's next mask).
-    save_block(slots, pool, slot, block, entry) -> pool  /  load_block(...) -> slots
-        copy one 64-token block of every layer's cache rows (latent + rope key AND indexer
-        key + scale) from a slot to an entry of the prefix pool, or back.
+    save_prefix(slots, pool, slot, entries) -> pool  /  load_prefix(...) -> slots
+        copy a prompt's 64-token blocks of every layer's cache rows (latent + rope key AND
+        indexer key + scale) from a slot to entries of the prefix pool, or back, in one call
+        (entries int32 [max_len / 64]: block b's pool entry, -1 for none).
 
 A slot's cache rows beyond its current position may hold a previous request's entries: a
 query at position p only sees slots s <= p, and everything at s <= p was written by the
@@ -261,34 +262,45 @@ class SlotModel:
         def release(slots, slot):
             return dataclasses.replace(slots, live=_set_row(slots.live, slot, False))
 
-        def save_block(slots, pool, slot, block, entry):
-            """Pool entry `entry` <- rows [block*64, block*64 + 64) of `slot`, every layer (the
-            owning shard reads them; a sum over the batch shards hands them to every device)."""
-            def read(shard, c, slot, start):
+        n_blocks = max_len // BLOCK
+        rep = None if axes is None else [jax.tree.map(lambda _: PS(), cache_specs[0])] * len(cache_specs)
+
+        def save_prefix(slots, pool, slot, entries):
+            """Pool entry entries[b] <- rows [64 b, 64 b + 64) of `slot`, every layer, for every
+            block b with entries[b] >= 0 (entries int32 [max_len / 64]); one call for the whole
+            prefix (the owning shard reads the slot's row; a sum over the batch shards hands it
+            to every device)."""
+            def read(shard, c, slot):
                 owner = (slot // s_local) == shard
-                li = slot % s_local
-                blk = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(jnp.take(x, li, axis=0), start, BLOCK, 0),
-                                   c)
-                blk = jax.tree.map(lambda x: jnp.where(owner, x, jnp.zeros_like(x)), blk)
+                row = jax.tree.map(lambda x: jnp.take(x, slot % s_local, axis=0), c)
+                row = jax.tree.map(lambda x: jnp.where(owner, x, jnp.zeros_like(x)), row)
                 if axes is None:
-                    return blk
-                return jax.tree.map(lambda x: _psum_bits(x, axes), blk)
+                    return row
+                return jax.tree.map(lambda x: _psum_bits(x, axes), row)
 
-            rep = None if axes is None else [jax.tree.map(lambda _: PS(), cache_specs[0])] * len(cache_specs)
-            blk = per_shard(read, (cache_specs, PS(), PS()), rep)(slots.caches, slot, block * BLOCK)
-            return [jax.tree.map(lambda p, b: p.at[entry].set(b), p_l, b_l) for p_l, b_l in zip(pool, blk)]
+            row = per_shard(read, (cache_specs, PS()), rep)(slots.caches, slot)
+            n_pool = jax.tree.leaves(pool)[0].shape[0]
+            dest = jnp.where(entries >= 0, entries, n_pool)                  # -1: dropped
+            return [jax.tree.map(lambda p, r: _scatter(p, (dest,), r.reshape((n_blocks, BLOCK) + r.shape[1:])),
+                                 p_l, r_l) for p_l, r_l in zip(pool, row)]
 
-        def load_block(slots, pool, slot, block, entry):
-            """Rows [block*64, block*64 + 64) of `slot` <- pool entry `entry`, every layer."""
-            def write(shard, c, pool, slot, entry, start):
+        def load_prefix(slots, pool, slot, entries):
+            """Rows [0, 64 n) of `slot` <- pool entries entries[0..n-1], every layer, in one call
+            (entries int32 [max_len / 64], -1 past the cached prefix; those rows are kept)."""
+            def write(shard, c, pool, slot, entries):
                 li = jnp.where((slot // s_local) == shard, slot % s_local, s_local)     # others: dropped
-                cols = start + jnp.arange(BLOCK, dtype=jnp.int32)
-                return [jax.tree.map(lambda x, p: _scatter(x, (li, cols), p[entry]), cl, pl)
-                        for cl, pl in zip(c, pool)]
+                keep = jnp.repeat(entries < 0, BLOCK)                                     # [max_len]
 
-            rep = None if axes is None else [jax.tree.map(lambda _: PS(), cache_specs[0])] * len(cache_specs)
-            caches = per_shard(write, (cache_specs, rep, PS(), PS(), PS()), cache_specs)(
-                slots.caches, pool, slot, entry, block * BLOCK)
+                def one(x, p):
+                    blocks = jnp.take(p, jnp.maximum(entries, 0), axis=0)                 # [n_blocks, 64, ...]
+                    old = jnp.take(x, jnp.minimum(li, s_local - 1), axis=0)
+                    new = blocks.reshape(old.shape)
+                    row = jnp.where(keep.reshape((-1,) + (1,) * (old.ndim - 1)), old, new)
+                    return _scatter(x, (li,), row)
+
+                return [jax.tree.map(one, cl, pl) for cl, pl in zip(c, pool)]
+
+            caches = per_shard(write, (cache_specs, rep, PS(), PS()), cache_specs)(slots.caches, pool, slot, entries)
             return dataclasses.replace(slots, caches=caches)
 
         self.traces = collections.Counter()
@@ -305,8 +317,8 @@ class SlotModel:
         self._insert_masked = jit(insert_masked, (1,))       # compiled on first use (constrained requests)
         self._decode_masked = jit(decode_masked, (1,))
         self._release = jit(release, (0,))
-        self._save_block = jit(save_block, (1,))
-        self._load_block = jit(load_block, (0,))
+        self._save_prefix = jit(save_prefix, (1,))
+        self._load_prefix = jit(load_prefix, (0,))
 
     # ---------------------------------------------------------------- state
     def new_slots(self) -> Slots:
