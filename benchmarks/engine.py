@@ -138,7 +138,7 @@ def bench_prefix(module, args):
 def bench_stall(module, args):
     n = args.long_prompt
     eng = ServingEngine(module, max_slots=8, max_len=-(-(n + 256) // 64) * 64, chunk=args.chunk, steps=1,
-                        prefill_budget=args.chunk)
+                        prefill_budget=args.stall_budget)
     eng.warmup()
     stamps: dict[int, list] = {}
 
@@ -162,7 +162,7 @@ def bench_stall(module, args):
 
     base = run(False)
     loaded = run(True)
-    return {"long_prompt": n, "chunk": args.chunk, "median_itl_ms": round(1e3 * float(np.median(base)), 2),
+    return {"long_prompt": n, "chunk": args.chunk, "prefill_budget": args.stall_budget, "median_itl_ms": round(1e3 * float(np.median(base)), 2),
             "p99_itl_with_prefill_ms": round(1e3 * float(np.percentile(loaded, 99)), 2),
             "p99_over_median": round(float(np.percentile(loaded, 99) / np.median(base)), 2)}
 
@@ -186,6 +186,8 @@ def main():
     ap.add_argument("--cached-prompt", type=int, default=4096)
     ap.add_argument("--long-prompt", type=int, default=16384)
     ap.add_argument("--stall-tokens", type=int, default=48)
+    ap.add_argument("--stall-budget", type=int, default=64,
+                    help="prompt tokens prefilled per iteration while the streams of (c) run (multiple of 64)")
     ap.add_argument("--only", default="throughput,prefix,stall")
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not the targets)")
     args = ap.parse_args()
