@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv32_jax.generate.sampling import argmax_last
+
 CANDIDATES = 256
 
 
@@ -48,7 +50,7 @@ def sample_rows(logits, keys, temperature, top_p, top_k, *, candidates: int = CA
     logits = logits.astype(jnp.float32)
     b, v = logits.shape
     c = min(candidates, v)
-    top1 = jnp.argmax(logits, axis=-1)
+    top1 = argmax_last(logits)
     sampling = temperature > 0
     restricted = (top_k > 0) | (top_p < 1.0)
 
@@ -74,7 +76,7 @@ def sample_rows(logits, keys, temperature, top_p, top_k, *, candidates: int = CA
             return jax.lax.cond(need_full, lambda: pick(v)[0], lambda: tok_c)
 
         tok_r = jax.lax.cond(jnp.any(sampling & restricted), restricted_rows, lambda: top1)
-        tok_free = jnp.argmax(scaled_full + noise, axis=-1)
+        tok_free = argmax_last(scaled_full + noise)
         return jnp.where(restricted, tok_r, tok_free)
 
     tok = jax.lax.cond(jnp.any(sampling), draw, lambda: top1)
