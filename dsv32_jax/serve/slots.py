@@ -163,7 +163,8 @@ class SlotModel:
         lane_spec = PS(axes)
 
         def rows(caches, lane_slots):
-            """Cache rows [P, max_len, ...] of the lanes' slots (slot -1: any row of the lane)."""
+            """Cache rows [R, max_len, ...] of the calls' slots (R = P x rows per lane, shard p
+            serving entries [p R/P, (p+1) R/P); slot -1: any row of the lane)."""
             def take(_, c, i):
                 li = jnp.where(i >= 0, i % s_local, 0)
                 return jax.tree.map(lambda x: jnp.take(x, li, axis=0), c)
@@ -171,12 +172,13 @@ class SlotModel:
 
         def put_rows(caches, row, lane_slots):
             def put(_, c, r, i):
-                li = jnp.where(i >= 0, i % s_local, 0)
+                li = jnp.where(i >= 0, i % s_local, s_local)              # idle rows: dropped
                 return jax.tree.map(lambda x, y: _scatter(x, (li,), y), c, r)
             return per_shard(put, (cache_specs, cache_specs, lane_spec), cache_specs)(caches, row, lane_slots)
 
         def prefill(state, slots, lane_slots, ids, starts, lasts, h):
-            """lane_slots [P] (-1 idle), ids [P, C], starts/lasts [P], h [P, D] -> (slots, h)."""
+            """lane_slots [R] (-1 idle; R = P x rows per lane, distinct slots), ids [R, C],
+            starts/lasts [R], h [R, D] -> (slots, h)."""
             m = nnx.merge(gd, state)
             c = ids.shape[1]
             pos = starts[:, None] + jnp.arange(c, dtype=jnp.int32)[None]
@@ -349,9 +351,9 @@ class SlotModel:
         out = None if self.mesh is None else jax.tree.map(lambda _: NamedSharding(self.mesh, PS()), shapes)
         return jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), out_shardings=out)()
 
-    def new_h(self):
-        """Per-lane final hidden states [P, D] (prefill's running output)."""
-        return jnp.zeros((self.lanes, self.cfg.hidden_size), self.module.options.dtype)
+    def new_h(self, rows_per_lane: int = 1):
+        """Per-row final hidden states [P x rows_per_lane, D] (prefill's running output)."""
+        return jnp.zeros((self.lanes * rows_per_lane, self.cfg.hidden_size), self.module.options.dtype)
 
     def compile_count(self) -> int:
         """Traces (= compilations) of the device functions so far (for the no-recompile check)."""
