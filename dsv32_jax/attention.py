@@ -78,6 +78,22 @@ class LayerCache:
             return self.latent
         return CompactKV(self.latent, self.latent_scale, self.rope)
 
+    def as_bits(self) -> "LayerCache":
+        """The same cache with its narrow float arrays (bfloat16, float8_e4m3fn) held as their
+        unsigned-int bits (uint16, uint8). XLA:CPU updates such arrays in place, whereas it
+        writes one row of a bfloat16 cache by converting the whole cache to float32 and back
+        (or, for bitcast views, by a full copy) — per layer and per decode step. Readers see
+        the float values through `view()`; `write` takes float rows either way."""
+        held = {f: b for b, f in BITS_HOLD.items()}
+        return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, held[jnp.dtype(x.dtype)])
+                            if jnp.dtype(x.dtype) in held else x, self)
+
+    def view(self) -> "LayerCache":
+        """The cache with bit-held arrays seen as their floats (uint16 -> bfloat16, uint8 ->
+        float8_e4m3fn); a cache of floats is returned as is."""
+        return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, BITS_HOLD[jnp.dtype(x.dtype)])
+                            if jnp.dtype(x.dtype) in BITS_HOLD else x, self)
+
     def write(self, positions, latent, index_k, index_k_scale):
         """Store entries of tokens at absolute `positions` [B, T] (slot = position): latent
         [B, T, Dk] for a dense cache, a CompactKV of [B, T, ...] rows for a compact one.
@@ -123,15 +139,32 @@ def resolve_attention(attention_impl: str, kernel_backend: str | None = None):
 
 def _scatter_rows(cache, positions, rows):
     """cache[b, positions[b]] = rows[b] for every b, in place: cache [B, S, ...], positions [B, T],
-    rows [B, T, ...]. Float8 caches are scattered as their uint8 bits: XLA has no float8 scatter
-    on some backends and would convert the whole cache twice."""
-    rows = rows.astype(cache.dtype)
+    rows [B, T, ...]. Narrow float caches (float8, bf16) are scattered as their unsigned-int bits:
+    XLA has no float8 scatter on some backends, and XLA:CPU scatters bf16 by converting the
+    whole cache to float32 and back (two full passes over every layer's cache per decode step)."""
     scatter = jax.vmap(lambda c, p, r: c.at[p].set(r, mode="drop"))      # positions past the cache: dropped
-    if jnp.dtype(cache.dtype).itemsize != 1 or not jnp.issubdtype(cache.dtype, jnp.floating):
+    if jnp.dtype(cache.dtype) in BITS_HOLD:                              # a bit-held cache (as_bits)
+        bits = jax.lax.bitcast_convert_type(rows.astype(BITS_HOLD[jnp.dtype(cache.dtype)]), cache.dtype)
+        return scatter(cache, positions, bits)
+    rows = rows.astype(cache.dtype)
+    bits_dtype = _bits_dtype(cache.dtype)
+    if bits_dtype is None:
         return scatter(cache, positions, rows)
-    bits = scatter(jax.lax.bitcast_convert_type(cache, jnp.uint8), positions,
-                   jax.lax.bitcast_convert_type(rows, jnp.uint8))
+    bits = scatter(jax.lax.bitcast_convert_type(cache, bits_dtype), positions,
+                   jax.lax.bitcast_convert_type(rows, bits_dtype))
     return jax.lax.bitcast_convert_type(bits, cache.dtype)
+
+
+# unsigned-int bits -> the float they hold in a bit-held cache (LayerCache.as_bits)
+BITS_HOLD = {jnp.dtype(jnp.uint16): jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.uint8): jnp.dtype(jnp.float8_e4m3fn)}
+
+
+def _bits_dtype(dtype):
+    """The unsigned-int type a float narrower than 32 bits is moved as (None for others)."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize >= 4:
+        return None
+    return {1: jnp.dtype(jnp.uint8), 2: jnp.dtype(jnp.uint16)}[dtype.itemsize]
 
 
 class MLA(nnx.Module):
@@ -231,7 +264,8 @@ class MLA(nnx.Module):
             q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         else:
             cache = cache.write(positions, latent, ik, iks)
-            keys, index_k, index_k_scale = cache.keys, cache.index_k, cache.index_k_scale
+            seen = cache.view()
+            keys, index_k, index_k_scale = seen.keys, seen.index_k, seen.index_k_scale
             q_positions = positions.astype(jnp.int32)
 
         index_impl, attn_impl, backend = resolve_attention(attention_impl, self.kernel_backend)

@@ -88,6 +88,7 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.len_bucket = len_bucket
         self.block = block
+        self._cache_creators = {}
         gd = self.graphdef
         mesh = module.options.mesh
 
@@ -186,7 +187,10 @@ class Engine:
         ids = np.full((len(prompts), n_pad), PAD_ID, np.int32)
         for b, p in enumerate(prompts):
             ids[b, :len(p)] = p
-        caches = self.module.init_caches(len(prompts), max_len)          # born sharded
+        shape = (len(prompts), max_len)           # one cache creator per shape (a fresh one recompiles)
+        if shape not in self._cache_creators:
+            self._cache_creators[shape] = self.module.cache_creator(*shape)
+        caches = self._cache_creators[shape]()                           # born sharded
         last_pos = self._place(np.array(lens, np.int32) - 1)
         h = self._place(np.zeros((len(prompts), self.cfg.hidden_size), self.module.options.dtype))
         for start in range(0, n_pad, c):

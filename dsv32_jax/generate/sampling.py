@@ -107,6 +107,16 @@ def eos_ids_from_config(ckpt_dir, default: int) -> tuple[int, ...]:
     return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
 
 
+def argmax_last(x):
+    """jnp.argmax(x, axis=-1) (the first index of the maximum) as two plain reductions, a max
+    and a min over the indices holding it: XLA:CPU runs argmax's (value, index) pair reduction
+    unvectorised (~0.7 ms for 16 rows of 1024 logits). A row holding NaN gives its last
+    index (argmax would give the NaN's)."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.minimum(jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1), x.shape[-1] - 1)
+
+
 def sample(logits, key, temperature, top_p, top_k, *, greedy: bool = False, max_top_k: int | None = None):
     """Pick one token per row.
 
@@ -118,7 +128,7 @@ def sample(logits, key, temperature, top_p, top_k, *, greedy: bool = False, max_
     """
     logits = logits.astype(jnp.float32)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax_last(logits).astype(jnp.int32)
     b, v = logits.shape
     temperature = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))
     top_p = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))

@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk (tokens)")
     p.add_argument("--steps", type=int, default=8, help="decode steps per dispatched block")
     p.add_argument("--prefill-budget", type=int, default=None,
-                   help="prompt tokens prefilled per iteration, a multiple of --chunk (default: one chunk)")
+                   help="prompt tokens prefilled per iteration, a multiple of 64 (default: one chunk)")
     p.add_argument("--top-logprobs", type=int, default=5, help="most top_logprobs a request may ask for")
     p.add_argument("--api-key", default=os.environ.get("DSV32_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $DSV32_API_KEY, else none)")

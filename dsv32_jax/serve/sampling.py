@@ -24,6 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv32_jax.generate.sampling import argmax_last
+
 CANDIDATES = 256
 
 
@@ -44,31 +46,45 @@ def _kept(vals, scaled_full_logz, temperature, top_p, top_k):
 
 def sample_rows(logits, keys, temperature, top_p, top_k, *, candidates: int = CANDIDATES):
     """logits f32 [B, V]; keys: PRNG key array [B] (one per row, already folded with the token
-    index); temperature, top_p f32 [B]; top_k int32 [B] (0 = off). Returns int32 [B]."""
+    index); temperature, top_p f32 [B]; top_k int32 [B] (0 = off). Returns int32 [B].
+
+    Work is skipped by lax.cond when no row needs it (a row's token is the same whichever
+    other rows share the step): when every row is greedy, no noise is drawn and nothing is
+    sorted; the candidates' top_k runs only when some sampling row is restricted."""
     logits = logits.astype(jnp.float32)
     b, v = logits.shape
     c = min(candidates, v)
-    t = jnp.maximum(temperature, 1e-6)
-    scaled_full = logits / t[:, None]
-    full_logz = jax.nn.logsumexp(scaled_full, axis=-1)
-    noise = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)          # [B, V]
+    top1 = argmax_last(logits)
+    sampling = temperature > 0
     restricted = (top_k > 0) | (top_p < 1.0)
 
-    def pick(kk):
-        vals, idx = jax.lax.top_k(logits, kk)
-        keep, probs = _kept(vals, full_logz, temperature, top_p, top_k)
-        g = jnp.take_along_axis(noise, idx, axis=-1)
-        score = jnp.where(keep, vals / t[:, None] + g, -jnp.inf)
-        choice = jnp.argmax(score, axis=-1)
-        covered = (top_k > 0) & (top_k <= kk) | (top_k <= 0) & (jnp.sum(probs, axis=-1) >= top_p)
-        return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0], covered, idx[:, 0]
+    def draw():
+        t = jnp.maximum(temperature, 1e-6)
+        scaled_full = logits / t[:, None]
+        noise = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)          # [B, V]
 
-    tok_c, covered, top1 = pick(c)
-    need_full = jnp.any(restricted & ~covered) if c < v else jnp.bool_(False)
-    tok_r = jax.lax.cond(need_full, lambda: pick(v)[0], lambda: tok_c)
-    tok_free = jnp.argmax(scaled_full + noise, axis=-1)
-    tok = jnp.where(restricted, tok_r, tok_free)
-    return jnp.where(temperature <= 0, top1, tok).astype(jnp.int32)
+        def restricted_rows():
+            full_logz = jax.nn.logsumexp(scaled_full, axis=-1)
+
+            def pick(kk):
+                vals, idx = jax.lax.top_k(logits, kk)
+                keep, probs = _kept(vals, full_logz, temperature, top_p, top_k)
+                g = jnp.take_along_axis(noise, idx, axis=-1)
+                score = jnp.where(keep, vals / t[:, None] + g, -jnp.inf)
+                choice = jnp.argmax(score, axis=-1)
+                covered = (top_k > 0) & (top_k <= kk) | (top_k <= 0) & (jnp.sum(probs, axis=-1) >= top_p)
+                return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0], covered
+
+            tok_c, covered = pick(c)
+            need_full = jnp.any(sampling & restricted & ~covered) if c < v else jnp.bool_(False)
+            return jax.lax.cond(need_full, lambda: pick(v)[0], lambda: tok_c)
+
+        tok_r = jax.lax.cond(jnp.any(sampling & restricted), restricted_rows, lambda: top1)
+        tok_free = argmax_last(scaled_full + noise)
+        return jnp.where(restricted, tok_r, tok_free)
+
+    tok = jax.lax.cond(jnp.any(sampling), draw, lambda: top1)
+    return jnp.where(sampling, tok, top1).astype(jnp.int32)
 
 
 def token_logprobs(logits, tokens, n: int):

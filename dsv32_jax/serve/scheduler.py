@@ -5,8 +5,9 @@ One iteration (`step()`):
   1. admit: waiting requests take free slots; the longest cached prefix (whole 64-token
      blocks, at most all but the prompt's last token) is copied from the prefix pool into
      the slot, and only the rest will be prefilled;
-  2. prefill: at most `prefill_budget` prompt tokens, in fixed `chunk`-token pieces, for the
-     admitted requests in arrival order; a request whose prompt is complete samples its first
+  2. prefill: at most `prefill_budget` prompt tokens, in fixed `chunk`-token pieces (64-token
+     pieces for short tails and budgets under a chunk), for the admitted requests in arrival
+     order; a request whose prompt is complete samples its first
      token and goes live (its prompt blocks enter the prefix cache);
   3. decode: one block of `steps` decode steps for every live slot is dispatched, and only
      then the previous block's tokens are read and handed out (stop strings, cancellation
@@ -14,8 +15,8 @@ One iteration (`step()`):
 Running streams therefore keep producing a block of tokens per iteration while a long prompt
 is read `prefill_budget` tokens at a time.
 
-Shapes are fixed (max_slots, max_len, chunk, steps), so the device functions compile once,
-at `warmup()`; `compile_count()` tells how many compilations happened.
+Shapes are fixed (max_slots, max_len, chunk and the 64-token bucket, steps), so the device
+functions compile once, at `warmup()`; `compile_count()` tells how many compilations happened.
 """
 from __future__ import annotations
 
@@ -140,23 +141,30 @@ class ServingEngine:
     """Continuous batching over a `dsv32_jax.Model` / Transformer.
 
     max_slots: rows decoded together; max_len: context per slot (multiple of 64); chunk:
-    prefill piece (tokens); steps: decode steps per dispatched block; prefill_budget: prompt
-    tokens per iteration (a multiple of chunk); prefix_blocks: 64-token entries of the prefix
-    pool (0 = no prefix cache); max_queue: waiting requests beyond which submit() refuses;
+    prefill piece (tokens; a second bucket of 64 serves short tails and small budgets); steps:
+    decode steps per dispatched block; prefill_budget: prompt tokens per iteration (a multiple
+    of 64; it bounds the stall of running streams: ~3 decode steps' worth keeps their p99
+    inter-token latency within 3x of the median on CPU); prefix_blocks: 64-token entries of the prefix
+    pool (0 = no prefix cache); prefill_rows: prompts of one lane prefilled together in one
+    call (a third compiled shape, [lanes x prefill_rows, chunk]) when several wait and no stream
+    runs or the budget holds that many chunks — on CPU a prefill call's fixed cost (reading
+    and converting every expert's weights) is shared; 1 = one prompt per lane; max_queue: waiting requests beyond which submit() refuses;
     top_logprobs: how many most-likely tokens a logprobs request reports; eos_ids: ids that
     end every request; tokenizer: for stop strings and streamed text.
     """
 
     def __init__(self, model, *, max_slots: int = 16, max_len: int = 4096, chunk: int = 256, steps: int = 8,
                  prefill_budget: int | None = None, prefix_blocks: int = 0, max_queue: int = 256,
-                 top_logprobs: int = 0, eos_ids: Sequence[int] = (), tokenizer=None, candidates: int = 256):
+                 top_logprobs: int = 0, eos_ids: Sequence[int] = (), tokenizer=None, candidates: int = 256,
+                 prefill_rows: int = 4):
         module = getattr(model, "module", model)
         self.sm = SlotModel(module, max_slots=max_slots, max_len=max_len, chunk=chunk, steps=steps,
                             top_logprobs=top_logprobs, candidates=candidates)
         self.max_slots, self.max_len, self.chunk = max_slots, max_len, chunk
+        self.chunk_small = min(BLOCK, chunk)
         self.prefill_budget = prefill_budget or chunk
-        if self.prefill_budget % chunk:
-            raise ValueError(f"prefill_budget must be a multiple of chunk ({chunk})")
+        if self.prefill_budget % self.chunk_small:
+            raise ValueError(f"prefill_budget must be a multiple of {self.chunk_small}, got {self.prefill_budget}")
         self.max_queue = max_queue
         self.tokenizer = tokenizer
         self.eos = jnp.asarray(list(eos_ids) or [-2], jnp.int32)
@@ -169,6 +177,8 @@ class ServingEngine:
         lanes, per = self.sm.lanes, self.sm.slots_per_lane
         self._free = [list(range((p + 1) * per - 1, p * per - 1, -1)) for p in range(lanes)]   # per lane
         self._h = self.sm.new_h()
+        self.prefill_rows = max(1, min(prefill_rows, per))
+        self._h_rows = self.sm.new_h(self.prefill_rows) if self.prefill_rows > 1 else None
         self._pending = None                                    # (outputs, {slot: _Active}) of the last block
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -277,9 +287,24 @@ class ServingEngine:
                          jnp.zeros((2,), jnp.float32), self.eos)
         self.slots = sm._release(res[0], jnp.int32(free))
         self.slots = sm._decode(sm.state, self.slots, self.eos)[0]
-        if self.pool is not None:        # load then save: entry 0 gets back what it held
-            self.slots = sm._load_block(self.slots, self.pool, jnp.int32(free), jnp.int32(0), jnp.int32(0))
-            self.pool = sm._save_block(self.slots, self.pool, jnp.int32(free), jnp.int32(0), jnp.int32(0))
+        if self.chunk_small != self.chunk:   # the second prefill bucket
+            self.slots, self._h = sm._prefill(sm.state, self.slots, self._lane_array(lane),
+                                              self._lane_array(np.zeros((p, self.chunk_small), np.int32)),
+                                              self._lane_array(zeros), self._lane_array(zeros), self._h)
+        if self._h_rows is not None:         # the multi-row prefill, and insert reading its rows
+            r = p * self.prefill_rows
+            self.slots, self._h_rows = sm._prefill(sm.state, self.slots, self._lane_array(np.full((r,), -1, np.int32)),
+                                                   self._lane_array(np.zeros((r, self.chunk), np.int32)),
+                                                   self._lane_array(np.zeros((r,), np.int32)),
+                                                   self._lane_array(np.zeros((r,), np.int32)), self._h_rows)
+            res = sm._insert(sm.state, self.slots, jnp.int32(free), self._h_rows, jnp.int32(0), jnp.int32(1),
+                             jnp.int32(1), jnp.float32(0), jnp.float32(1), jnp.int32(0), jnp.zeros((2,), jnp.uint32),
+                             jnp.zeros((2,), jnp.float32), self.eos)
+            self.slots = sm._release(res[0], jnp.int32(free))
+        if self.pool is not None:        # entries -1: nothing moves
+            none = jnp.asarray(np.full((self.max_len // BLOCK,), -1, np.int32))
+            self.slots = sm._load_prefix(self.slots, self.pool, jnp.int32(free), none)
+            self.pool = sm._save_prefix(self.slots, self.pool, jnp.int32(free), none)
         jax.block_until_ready(self.slots)
         return self.compile_count()
 
@@ -341,9 +366,10 @@ class ServingEngine:
             if self.prefix is not None:
                 usable = (len(req.prompt) - 1) // BLOCK
                 entries = self.prefix.lookup(block_keys(req.prompt, usable))
-                for b, e in enumerate(entries):
-                    self.slots = self.sm._load_block(self.slots, self.pool, jnp.int32(slot), jnp.int32(b),
-                                                     jnp.int32(e))
+                if entries:
+                    table = np.full((self.max_len // BLOCK,), -1, np.int32)
+                    table[:len(entries)] = entries
+                    self.slots = self.sm._load_prefix(self.slots, self.pool, jnp.int32(slot), jnp.asarray(table))
                 cursor = len(entries) * BLOCK
             req.cached_tokens = cursor
             self.stats["prompt_tokens"] += len(req.prompt)
@@ -353,32 +379,54 @@ class ServingEngine:
 
     def _prefill(self) -> None:
         """Prompt chunks, `prefill_budget` tokens' worth of chunk calls; each call advances the
-        earliest waiting request of every lane by one chunk."""
-        sm, c = self.sm, self.chunk
-        for _ in range(self.prefill_budget // c):
+        earliest waiting request of every lane by one chunk: `chunk` tokens, or 64 (the small
+        bucket) when less than a chunk of budget is left or every lane's prompt has at most 64
+        tokens to go (an uncached tail is not padded to a full chunk). When several requests of
+        a lane wait and no stream is decoding (or the budget holds prefill_rows chunks), one
+        call advances up to prefill_rows of them by a chunk each."""
+        sm, budget, c_big = self.sm, self.prefill_budget, self.chunk
+        while budget >= self.chunk_small:
             todo = sorted((a for a in self._active.values() if not a.live and not a.stopping),
                           key=lambda a: a.order)
-            lanes: dict[int, _Active] = {}
+            lanes: dict[int, list] = {}
             for a in todo:
-                lanes.setdefault(sm.lane_of(a.slot), a)
+                lanes.setdefault(sm.lane_of(a.slot), []).append(a)
             if not lanes:
                 return
-            slot_ids = np.full((sm.lanes,), -1, np.int32)
-            ids = np.zeros((sm.lanes, c), np.int32)
-            starts = np.zeros((sm.lanes,), np.int32)
-            lasts = np.zeros((sm.lanes,), np.int32)
-            for lane, a in lanes.items():
-                part = a.req.prompt[a.cursor:a.cursor + c]
-                slot_ids[lane], starts[lane], lasts[lane] = a.slot, a.cursor, len(a.req.prompt) - 1
-                ids[lane, :len(part)] = part
-            self.slots, self._h = sm._prefill(sm.state, self.slots, *map(self._lane_array, (slot_ids, ids, starts,
-                                                                                            lasts)), self._h)
-            for lane, a in lanes.items():
-                done = min(c, len(a.req.prompt) - a.cursor)
-                a.cursor += done
-                self.stats["prefill_tokens"] += done
-                if a.cursor >= len(a.req.prompt):
-                    self._go_live(a, lane)
+            decoding = any(a.live and not a.stopping for a in self._active.values())
+            r = self.prefill_rows
+            multi = (r > 1 and any(len(v) > 1 for v in lanes.values()) and
+                     (budget >= r * c_big or (not decoding and budget >= c_big)))
+            if not multi:
+                r = 1
+            group = {lane: v[:r] for lane, v in lanes.items()}
+            left = max(len(a.req.prompt) - a.cursor for v in group.values() for a in v)
+            c = c_big if multi or (budget >= c_big and left > self.chunk_small) else self.chunk_small
+            budget -= c * max(len(v) for v in group.values())
+            n = sm.lanes * r
+            slot_ids = np.full((n,), -1, np.int32)
+            ids = np.zeros((n, c), np.int32)
+            starts = np.zeros((n,), np.int32)
+            lasts = np.zeros((n,), np.int32)
+            for lane, v in group.items():
+                for j, a in enumerate(v):
+                    row = lane * r + j
+                    part = a.req.prompt[a.cursor:a.cursor + c]
+                    slot_ids[row], starts[row], lasts[row] = a.slot, a.cursor, len(a.req.prompt) - 1
+                    ids[row, :len(part)] = part
+            h = self._h_rows if multi else self._h
+            self.slots, h = sm._prefill(sm.state, self.slots, *map(self._lane_array, (slot_ids, ids, starts, lasts)), h)
+            if multi:
+                self._h_rows = h
+            else:
+                self._h = h
+            for lane, v in group.items():
+                for j, a in enumerate(v):
+                    done = min(c, len(a.req.prompt) - a.cursor)
+                    a.cursor += done
+                    self.stats["prefill_tokens"] += done
+                    if a.cursor >= len(a.req.prompt):
+                        self._go_live(a, lane * r + j, h)
 
     def _lane_array(self, x):
         """A host array [P, ...] onto the devices, lane p on batch shard p (every process holds the
@@ -389,10 +437,10 @@ class ServingEngine:
         from jax.sharding import NamedSharding, PartitionSpec
         return put(x, NamedSharding(self.sm.mesh, PartitionSpec(self.sm.batch_axes, *([None] * (x.ndim - 1)))))
 
-    def _go_live(self, a: _Active, lane: int) -> None:
+    def _go_live(self, a: _Active, row: int, h) -> None:
         r, sm = a.req, self.sm
         # the engine's EOS ids stop a row on the device; a request's own stop ids on the host
-        args = (sm.state, self.slots, jnp.int32(a.slot), self._h, jnp.int32(lane), jnp.int32(len(r.prompt)),
+        args = (sm.state, self.slots, jnp.int32(a.slot), h, jnp.int32(row), jnp.int32(len(r.prompt)),
                 jnp.int32(r.max_tokens), jnp.float32(r.temperature), jnp.float32(r.top_p),
                 jnp.int32(r.top_k), jnp.asarray(jax.random.key_data(jax.random.key(r.seed)), jnp.uint32),
                 jnp.asarray([r.presence_penalty, r.frequency_penalty], jnp.float32), self.eos)
@@ -409,14 +457,17 @@ class ServingEngine:
             return
         keys = block_keys(tokens)
         protect = set(keys)
+        table = np.full((self.max_len // BLOCK,), -1, np.int32)
         for b, k in enumerate(keys):
             if self.prefix.contains(k):
                 self.prefix.allocate(k)            # refresh its place in the LRU order
                 continue
             e = self.prefix.allocate(k, protect)
             if e is None:
-                return
-            self.pool = self.sm._save_block(self.slots, self.pool, jnp.int32(slot), jnp.int32(b), jnp.int32(e))
+                break
+            table[b] = e
+        if (table >= 0).any():
+            self.pool = self.sm._save_prefix(self.slots, self.pool, jnp.int32(slot), jnp.asarray(table))
 
     # ---------------------------------------------------------------- host side of a block
     def _consume(self, outputs, snapshot) -> None:

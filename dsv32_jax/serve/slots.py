@@ -16,9 +16,10 @@ chunk), are:
     insert_masked(..., mask [W]) / decode_masked(state, slots, eos, masks [S, W])
         the same with token masks (int32 bit words, W = ceil(V / 32)) applied before sampling;
         decode_masked runs one step (the host computes each constrained row's next mask).
-    save_block(slots, pool, slot, block, entry) -> pool  /  load_block(...) -> slots
-        copy one 64-token block of every layer's cache rows (latent + rope key AND indexer
-        key + scale) from a slot to an entry of the prefix pool, or back.
+    save_prefix(slots, pool, slot, entries) -> pool  /  load_prefix(...) -> slots
+        copy a prompt's 64-token blocks of every layer's cache rows (latent + rope key AND
+        indexer key + scale) from a slot to entries of the prefix pool, or back, in one call
+        (entries int32 [max_len / 64]: block b's pool entry, -1 for none).
 
 A slot's cache rows beyond its current position may hold a previous request's entries: a
 query at position p only sees slots s <= p, and everything at s <= p was written by the
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
+from dsv32_jax.attention import BITS_HOLD, _bits_dtype
 from dsv32_jax.model import cache_batch_axes, per_layer
 from dsv32_jax.serve.sampling import apply_penalties, count_tokens, sample_rows, token_logprobs
 
@@ -48,12 +50,14 @@ BLOCK = 64            # prefix-cache unit, as DeepSeek's API
 class Slots:
     """Device state of all slots (S = max_slots).
 
-    caches: list of LayerCache [layers, S, max_len, ...] (one per stack of layers); tokens int32
-    [S] (last sampled token, not yet in the cache); positions int32 [S] (its position); live bool
-    [S]; count int32 [S] (tokens generated); max_new int32 [S]; temperature, top_p f32 [S]; top_k int32 [S];
-    seeds uint32 [S, 2] (key data of each request's PRNG stream); penalty f32 [S, 2] (presence,
-    frequency: OpenAI's penalties); counts int32 [S, V] (times each token was generated, kept
-    up to date only for rows with a penalty).
+    caches: list of LayerCache [layers, S, max_len, ...] (one per stack of layers), bfloat16 /
+    float8 arrays held as their bits (LayerCache.as_bits: updated in place on every backend);
+    tokens int32 [S] (last sampled token, not yet in the cache); positions int32 [S] (its
+    position); live bool [S]; count int32 [S] (tokens generated); max_new int32 [S];
+    temperature, top_p f32 [S]; top_k int32 [S]; seeds uint32 [S, 2] (key data of each
+    request's PRNG stream); penalty f32 [S, 2] (presence, frequency: OpenAI's penalties);
+    counts int32 [S, V] (times each token was generated, kept up to date only for rows with a
+    penalty).
     """
     caches: list
     tokens: jax.Array
@@ -80,19 +84,31 @@ def _row_keys(seeds, count):
 
 def _psum_bits(x, axes):
     """Sum over the batch shards where exactly one shard holds non-zero values (float8 has no
-    all-reduce: move its bits as uint8, which the zero contributions leave unchanged)."""
+    all-reduce, and narrow ints may lack one: move the bits as int32, which the zero
+    contributions leave unchanged)."""
     if x.dtype.itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating):
         bits = jax.lax.psum(jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.int32), axes)
         return jax.lax.bitcast_convert_type(bits.astype(jnp.uint8), x.dtype)
+    if x.dtype.itemsize < 4 and jnp.issubdtype(x.dtype, jnp.integer):
+        return jax.lax.psum(x.astype(jnp.int32), axes).astype(x.dtype)
     return jax.lax.psum(x, axes)
 
 
+def _bit_held(shapes):
+    """Cache shapes (LayerCache of ShapeDtypeStruct) with bfloat16 / float8 arrays as the
+    unsigned ints that hold their bits (see LayerCache.as_bits)."""
+    held = {f: b for b, f in BITS_HOLD.items()}
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, held.get(jnp.dtype(x.dtype), x.dtype)), shapes)
+
+
 def _scatter(x, index, value):
-    """x.at[index].set(value), dropping out-of-range rows; float8 arrays are scattered as their
-    uint8 bits (XLA has no float8 scatter on some backends)."""
-    if x.dtype.itemsize == 1 and jnp.issubdtype(x.dtype, jnp.floating):
-        bits = jax.lax.bitcast_convert_type(x, jnp.uint8)
-        bits = bits.at[index].set(jax.lax.bitcast_convert_type(value.astype(x.dtype), jnp.uint8), mode="drop")
+    """x.at[index].set(value), dropping out-of-range rows; narrow float arrays (float8, bf16)
+    are scattered as their unsigned-int bits (XLA has no float8 scatter on some backends, and
+    XLA:CPU scatters bf16 through a float32 copy of the whole array)."""
+    bits_dtype = _bits_dtype(x.dtype)
+    if bits_dtype is not None:
+        bits = jax.lax.bitcast_convert_type(x, bits_dtype)
+        bits = bits.at[index].set(jax.lax.bitcast_convert_type(value.astype(x.dtype), bits_dtype), mode="drop")
         return jax.lax.bitcast_convert_type(bits, x.dtype)
     return x.at[index].set(value.astype(x.dtype), mode="drop")
 
@@ -158,7 +174,8 @@ class SlotModel:
         lane_spec = PS(axes)
 
         def rows(caches, lane_slots):
-            """Cache rows [P, max_len, ...] of the lanes' slots (slot -1: any row of the lane)."""
+            """Cache rows [R, max_len, ...] of the calls' slots (R = P x rows per lane, shard p
+            serving entries [p R/P, (p+1) R/P); slot -1: any row of the lane)."""
             def take(_, c, i):
                 li = jnp.where(i >= 0, i % s_local, 0)
                 return jax.tree.map(per_layer(lambda x: jnp.take(x, li, axis=0)), c)
@@ -166,12 +183,13 @@ class SlotModel:
 
         def put_rows(caches, row, lane_slots):
             def put(_, c, r, i):
-                li = jnp.where(i >= 0, i % s_local, 0)
+                li = jnp.where(i >= 0, i % s_local, s_local)              # idle rows: dropped
                 return jax.tree.map(per_layer(lambda x, y: _scatter(x, (li,), y)), c, r)
             return per_shard(put, (cache_specs, cache_specs, lane_spec), cache_specs)(caches, row, lane_slots)
 
         def prefill(state, slots, lane_slots, ids, starts, lasts, h):
-            """lane_slots [P] (-1 idle), ids [P, C], starts/lasts [P], h [P, D] -> (slots, h)."""
+            """lane_slots [R] (-1 idle; R = P x rows per lane, distinct slots), ids [R, C],
+            starts/lasts [R], h [R, D] -> (slots, h)."""
             m = nnx.merge(gd, state)
             c = ids.shape[1]
             pos = starts[:, None] + jnp.arange(c, dtype=jnp.int32)[None]
@@ -264,34 +282,45 @@ class SlotModel:
         def release(slots, slot):
             return dataclasses.replace(slots, live=_set_row(slots.live, slot, False))
 
-        def save_block(slots, pool, slot, block, entry):
-            """Pool entry `entry` <- rows [block*64, block*64 + 64) of `slot`, every layer (the
-            owning shard reads them; a sum over the batch shards hands them to every device)."""
-            def read(shard, c, slot, start):
+        n_blocks = max_len // BLOCK
+        rep = None if axes is None else [jax.tree.map(lambda _: PS(), cache_specs[0])] * len(cache_specs)
+
+        def save_prefix(slots, pool, slot, entries):
+            """Pool entry entries[b] <- rows [64 b, 64 b + 64) of `slot`, every layer, for every
+            block b with entries[b] >= 0 (entries int32 [max_len / 64]); one call for the whole
+            prefix (the owning shard reads the slot's row; a sum over the batch shards hands it
+            to every device)."""
+            def read(shard, c, slot):
                 owner = (slot // s_local) == shard
-                li = slot % s_local
-                blk = jax.tree.map(per_layer(
-                    lambda x: jax.lax.dynamic_slice_in_dim(jnp.take(x, li, axis=0), start, BLOCK, 0)), c)
-                blk = jax.tree.map(lambda x: jnp.where(owner, x, jnp.zeros_like(x)), blk)
+                row = jax.tree.map(per_layer(lambda x: jnp.take(x, slot % s_local, axis=0)), c)
+                row = jax.tree.map(lambda x: jnp.where(owner, x, jnp.zeros_like(x)), row)
                 if axes is None:
-                    return blk
-                return jax.tree.map(lambda x: _psum_bits(x, axes), blk)
+                    return row
+                return jax.tree.map(lambda x: _psum_bits(x, axes), row)
 
-            rep = None if axes is None else [jax.tree.map(lambda _: PS(), cache_specs[0])] * len(cache_specs)
-            blk = per_shard(read, (cache_specs, PS(), PS()), rep)(slots.caches, slot, block * BLOCK)
-            return [jax.tree.map(per_layer(lambda p, b: p.at[entry].set(b)), p_l, b_l) for p_l, b_l in zip(pool, blk)]
+            row = per_shard(read, (cache_specs, PS()), rep)(slots.caches, slot)
+            n_pool = jax.tree.leaves(pool)[0].shape[1]                      # [layers, entries, 64, ...]
+            dest = jnp.where(entries >= 0, entries, n_pool)                  # -1: dropped
+            return [jax.tree.map(per_layer(lambda p, r: _scatter(p, (dest,), r.reshape((n_blocks, BLOCK) + r.shape[1:]))),
+                                 p_l, r_l) for p_l, r_l in zip(pool, row)]
 
-        def load_block(slots, pool, slot, block, entry):
-            """Rows [block*64, block*64 + 64) of `slot` <- pool entry `entry`, every layer."""
-            def write(shard, c, pool, slot, entry, start):
+        def load_prefix(slots, pool, slot, entries):
+            """Rows [0, 64 n) of `slot` <- pool entries entries[0..n-1], every layer, in one call
+            (entries int32 [max_len / 64], -1 past the cached prefix; those rows are kept)."""
+            def write(shard, c, pool, slot, entries):
                 li = jnp.where((slot // s_local) == shard, slot % s_local, s_local)     # others: dropped
-                cols = start + jnp.arange(BLOCK, dtype=jnp.int32)
-                return [jax.tree.map(per_layer(lambda x, p: _scatter(x, (li, cols), p[entry])), cl, pl)
-                        for cl, pl in zip(c, pool)]
+                keep = jnp.repeat(entries < 0, BLOCK)                                     # [max_len]
 
-            rep = None if axes is None else [jax.tree.map(lambda _: PS(), cache_specs[0])] * len(cache_specs)
-            caches = per_shard(write, (cache_specs, rep, PS(), PS(), PS()), cache_specs)(
-                slots.caches, pool, slot, entry, block * BLOCK)
+                def one(x, p):
+                    blocks = jnp.take(p, jnp.maximum(entries, 0), axis=0)                 # [n_blocks, 64, ...]
+                    old = jnp.take(x, jnp.minimum(li, s_local - 1), axis=0)
+                    new = blocks.reshape(old.shape)
+                    row = jnp.where(keep.reshape((-1,) + (1,) * (old.ndim - 1)), old, new)
+                    return _scatter(x, (li,), row)
+
+                return [jax.tree.map(per_layer(one), cl, pl) for cl, pl in zip(c, pool)]
+
+            caches = per_shard(write, (cache_specs, rep, PS(), PS()), cache_specs)(slots.caches, pool, slot, entries)
             return dataclasses.replace(slots, caches=caches)
 
         self.traces = collections.Counter()
@@ -308,15 +337,17 @@ class SlotModel:
         self._insert_masked = jit(insert_masked, (1,))       # compiled on first use (constrained requests)
         self._decode_masked = jit(decode_masked, (1,))
         self._release = jit(release, (0,))
-        self._save_block = jit(save_block, (1,))
-        self._load_block = jit(load_block, (0,))
+        self._save_prefix = jit(save_prefix, (1,))
+        self._load_prefix = jit(load_prefix, (0,))
 
     # ---------------------------------------------------------------- state
     def new_slots(self) -> Slots:
         """Zeroed slot state, born where it lives (caches and per-slot fields split over the
         batch axes under a mesh)."""
         s = self.max_slots
-        caches = self.module.init_caches(s, self.max_len)
+        shapes = _bit_held(self.module.cache_shapes(s, self.max_len))
+        caches = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes),
+                         out_shardings=self.module.cache_shardings(s, self.max_len))()
 
         def fields():                      # distinct buffers: the state is donated to every call
             i32 = lambda: jnp.zeros((s,), jnp.int32)      # noqa: E731
@@ -335,13 +366,13 @@ class SlotModel:
     def new_pool(self, entries: int) -> list:
         """Prefix pool: per stack, LayerCache of [layers, entries, 64, ...] rows (both caches),
         replicated on every device of the mesh."""
-        shapes = self.module.cache_shapes(entries, BLOCK)
+        shapes = _bit_held(self.module.cache_shapes(entries, BLOCK))
         out = None if self.mesh is None else jax.tree.map(lambda _: NamedSharding(self.mesh, PS()), shapes)
         return jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), out_shardings=out)()
 
-    def new_h(self):
-        """Per-lane final hidden states [P, D] (prefill's running output)."""
-        return jnp.zeros((self.lanes, self.cfg.hidden_size), self.module.options.dtype)
+    def new_h(self, rows_per_lane: int = 1):
+        """Per-row final hidden states [P x rows_per_lane, D] (prefill's running output)."""
+        return jnp.zeros((self.lanes * rows_per_lane, self.cfg.hidden_size), self.module.options.dtype)
 
     def compile_count(self) -> int:
         """Traces (= compilations) of the device functions so far (for the no-recompile check)."""

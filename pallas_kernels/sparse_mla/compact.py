@@ -98,4 +98,8 @@ def take_flat(kv, flat):
         f = lambda x: x.reshape(b * l, x.shape[-1])[flat]            # noqa: E731
         return dequantize(f(kv.latent), f(kv.scale), f(kv.rope))
     b, l, dk = kv.shape
-    return kv.reshape(b * l, dk)[flat]
+    kv = kv.reshape(b * l, dk)
+    if kv.dtype == jnp.bfloat16:
+        # gather the bits: XLA:CPU gathers bfloat16 through a float32 copy of the whole cache
+        return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(kv, jnp.uint16)[flat], jnp.bfloat16)
+    return kv[flat]
