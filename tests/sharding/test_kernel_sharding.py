@@ -17,7 +17,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import dsv32_jax
-from dsv32_jax.attention import LayerCache
 from dsv32_jax.config import load_config
 from dsv32_jax.kernel_sharding import indexer_specs, sharded_sparse_mla, sparse_mla_specs
 from dsv32_jax.model import RuntimeOptions, Transformer
@@ -101,7 +100,8 @@ def _decode_collectives(cfg, mesh_str):
     """Collectives of the decode step compiled for CPU from abstract arrays: [(kind, op_name)]."""
     mesh = make_mesh(mesh_str)
     opts = RuntimeOptions(dtype=jnp.float32, numerics="reference", attention_impl="xla", mesh=mesh)
-    gd, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, opts, rngs=nnx.Rngs(0))))
+    model = nnx.eval_shape(lambda: Transformer(cfg, opts, rngs=nnx.Rngs(0)))
+    gd, state = nnx.split(model)
     state = jax.tree.map(lambda sh, v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)),
                          param_shardings(state, mesh), state)
     length = 32                                     # > index_topk 8: a real selection
@@ -109,9 +109,9 @@ def _decode_collectives(cfg, mesh_str):
     def rows(shape, dtype):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, batch_spec(mesh, len(shape), B)))
 
-    caches = [LayerCache(rows((B, length, cfg.kv_dim), jnp.float32),
-                         rows((B, length, cfg.index_head_dim), jnp.float8_e4m3fn),
-                         rows((B, length), jnp.float32)) for _ in range(cfg.num_hidden_layers)]
+    # the model's own caches (one per stack of layers, [layers, B, L, ...]) with their shardings
+    caches = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          model.cache_shapes(B, length), model.cache_shardings(B, length))
 
     def step(state, caches, tokens, positions):
         m = nnx.merge(gd, state)
