@@ -47,3 +47,22 @@ def make_hf_model(out_dir, seed: int = 0, **overrides):
     out = Path(out_dir)
     model.save_pretrained(out)
     return model, out
+
+
+def abstract_decode_step(model, batch: int, max_len: int):
+    """One decode step of an abstract model (nnx.eval_shape), nothing allocated:
+    -> (step(state, caches, tokens, positions) -> (caches, logits [B, V]), state, abstract
+    caches of `max_len` slots, an abstract int32 [batch] for the tokens and the positions)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    gd, state = nnx.split(model)
+    caches = jax.eval_shape(lambda: nnx.merge(gd, state).init_caches(batch, max_len))
+
+    def step(state, caches, tokens, positions):
+        m = nnx.merge(gd, state)
+        h, _, caches = m.hidden(tokens[:, None], positions[:, None], caches)
+        return caches, m.logits(h[:, 0])
+
+    return step, state, caches, jax.ShapeDtypeStruct((batch,), jnp.int32)

@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dsv32_jax.fp8_matmul import fp8_matmul
 from dsv32_jax.introspect import collectives, largest_weight_temp, temporaries
 from dsv32_jax.numerics import dequant_blocks
+from oracle import abstract_decode_step
 
 
 def test_temporaries_counts_by_hand():
@@ -88,15 +89,7 @@ def test_decode_step_of_a_release_dim_fp8_model():
                                                                 num_nextn_predict_layers=0)
     model = nnx.eval_shape(lambda: Transformer(cfg, RuntimeOptions(dtype=jnp.bfloat16, fp8_weights=True),
                                                rngs=nnx.Rngs(0)))
-    gd, state = nnx.split(model)
-    caches = jax.eval_shape(lambda: nnx.merge(gd, state).init_caches(8, 4096))
-
-    def step(state, caches, tokens, positions):
-        m = nnx.merge(gd, state)
-        h, _, caches = m.hidden(tokens[:, None], positions[:, None], caches)
-        return caches, m.logits(h[:, 0])
-
-    tok = jax.ShapeDtypeStruct((8,), jnp.int32)
+    step, state, caches, tok = abstract_decode_step(model, 8, 4096)
     temps = temporaries(step, state, caches, tok, tok, weight_args=(0,))
     derived = sorted((t for t in temps if t.weight_bytes), key=lambda t: -t.weight_ratio)
     kv_b = max((t for t in derived if "kv_b" in t.weight), key=lambda t: t.weight_ratio)

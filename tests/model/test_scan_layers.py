@@ -8,6 +8,7 @@ from flax import nnx
 from dsv32_jax.config import load_config
 from dsv32_jax.model import RuntimeOptions, Transformer, layer_groups
 from dsv32_jax.params import abstract_params, checkpoint_paths, state_path
+from oracle import abstract_decode_step
 
 
 def _config(layers: int):
@@ -21,15 +22,7 @@ def _decode_step_text(layers: int) -> str:
     cfg = _config(layers)
     model = nnx.eval_shape(lambda: Transformer(cfg, RuntimeOptions(dtype=jnp.bfloat16, fp8_weights=True,
                                                                    attention_impl="xla"), rngs=nnx.Rngs(0)))
-    gd, state = nnx.split(model)
-    caches = jax.eval_shape(lambda: nnx.merge(gd, state).init_caches(4, 1024))
-
-    def step(state, caches, tokens, positions):
-        m = nnx.merge(gd, state)
-        h, _, caches = m.hidden(tokens[:, None], positions[:, None], caches)
-        return caches, m.logits(h[:, 0])
-
-    tok = jax.ShapeDtypeStruct((4,), jnp.int32)
+    step, state, caches, tok = abstract_decode_step(model, 4, 1024)
     return jax.jit(step).lower(state, caches, tok, tok).as_text()
 
 

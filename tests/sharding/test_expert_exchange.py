@@ -21,6 +21,7 @@ from dsv32_jax.expert_parallel import (GroupedFFN, emulated_ragged_all_to_all, e
 from dsv32_jax.moe import Experts
 from dsv32_jax.numerics import dequant_blocks
 from dsv32_jax.sharding import make_mesh
+from oracle import abstract_decode_step
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices (set by tests/conftest.py)")
 HI = jax.lax.Precision.HIGHEST
@@ -236,15 +237,7 @@ def test_fp8_decode_step_lowers_with_the_ragged_exchange(mesh):
     cfg = load_config("configs/tiny.json").replace(fp8_block_size=(32, 32))
     opts = RuntimeOptions(dtype=jnp.bfloat16, fp8_weights=True, mesh=make_mesh(mesh))
     model = set_expert_exchange(nnx.eval_shape(lambda: Transformer(cfg, opts, rngs=nnx.Rngs(0))), "ragged")
-    gd, state = nnx.split(model)
-    caches = jax.eval_shape(lambda: nnx.merge(gd, state).init_caches(8, 256))
-
-    def step(state, caches, tokens, positions):
-        m = nnx.merge(gd, state)
-        h, _, caches = m.hidden(tokens[:, None], positions[:, None], caches)
-        return caches, m.logits(h[:, 0])
-
-    tok = jax.ShapeDtypeStruct((8,), jnp.int32)
+    step, state, caches, tok = abstract_decode_step(model, 8, 256)
     for platform in ("tpu", "cuda"):
         text = jax.jit(step).trace(state, caches, tok, tok).lower(lowering_platforms=(platform,)).as_text()
         ragged = [c for c in collectives(text) if c.op == "ragged_all_to_all"]
