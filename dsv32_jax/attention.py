@@ -94,9 +94,11 @@ class LayerCache:
         return jax.tree.map(lambda x: jax.lax.bitcast_convert_type(x, BITS_HOLD[jnp.dtype(x.dtype)])
                             if jnp.dtype(x.dtype) in BITS_HOLD else x, self)
 
-    def write(self, positions, latent, index_k, index_k_scale):
+    def write(self, positions, latent, index_k, index_k_scale, layer=None):
         """Store entries of tokens at absolute `positions` [B, T] (slot = position): latent
         [B, T, Dk] for a dense cache, a CompactKV of [B, T, ...] rows for a compact one.
+        layer: None, or an int32 scalar when the cache is a stack of layers' caches (leaves
+        [n, B, S, ...]): the rows go to that layer's cache, in place.
 
         Each row scatters into its own sequence (a scatter batched over B), so a batch split
         over devices is written without any collective."""
@@ -106,7 +108,7 @@ class LayerCache:
         if self.index_k_scale is None:
             rows.index_k_scale = None
         with jax.named_scope("cache_write"):
-            return jax.tree.map(lambda c, r: _scatter_rows(c, positions, r), self, rows)
+            return jax.tree.map(lambda c, r: _scatter_rows(c, positions, r, layer), self, rows)
 
 
 def latent_block(cfg: ModelConfig) -> int:
@@ -137,22 +139,41 @@ def resolve_attention(attention_impl: str, kernel_backend: str | None = None):
     return index_impl, attn_impl, backend
 
 
-def _scatter_rows(cache, positions, rows):
+def _scatter_rows(cache, positions, rows, layer=None):
     """cache[b, positions[b]] = rows[b] for every b, in place: cache [B, S, ...], positions [B, T],
-    rows [B, T, ...]. Narrow float caches (float8, bf16) are scattered as their unsigned-int bits:
-    XLA has no float8 scatter on some backends, and XLA:CPU scatters bf16 by converting the
-    whole cache to float32 and back (two full passes over every layer's cache per decode step)."""
-    scatter = jax.vmap(lambda c, p, r: c.at[p].set(r, mode="drop"))      # positions past the cache: dropped
+    rows [B, T, ...]; with `layer` (int32 scalar) the cache is a stack [n, B, S, ...] and
+    cache[layer, b, positions[b]] = rows[b]. Positions past the cache are dropped.
+
+    One scatter batched over B (the batch is a batching dimension of the scatter, never moved), so
+    a batch split over devices is written without a collective and the cache is updated in place.
+    Narrow float caches (float8, bf16) are scattered as their unsigned-int bits: XLA has no float8
+    scatter on some backends, and XLA:CPU scatters bf16 by converting the whole cache to float32
+    and back (two full passes over every layer's cache per decode step)."""
     if jnp.dtype(cache.dtype) in BITS_HOLD:                              # a bit-held cache (as_bits)
         bits = jax.lax.bitcast_convert_type(rows.astype(BITS_HOLD[jnp.dtype(cache.dtype)]), cache.dtype)
-        return scatter(cache, positions, bits)
+        return _scatter(cache, positions, bits, layer)
     rows = rows.astype(cache.dtype)
     bits_dtype = _bits_dtype(cache.dtype)
     if bits_dtype is None:
-        return scatter(cache, positions, rows)
-    bits = scatter(jax.lax.bitcast_convert_type(cache, bits_dtype), positions,
-                   jax.lax.bitcast_convert_type(rows, bits_dtype))
+        return _scatter(cache, positions, rows, layer)
+    bits = _scatter(jax.lax.bitcast_convert_type(cache, bits_dtype), positions,
+                    jax.lax.bitcast_convert_type(rows, bits_dtype), layer)
     return jax.lax.bitcast_convert_type(bits, cache.dtype)
+
+
+def _scatter(cache, positions, rows, layer):
+    """The scatter of `_scatter_rows` (rows already in the cache's dtype)."""
+    lead = 0 if layer is None else 1                                     # the batch axis of the cache
+    pos = positions.astype(jnp.int32)[..., None]                         # [B, T, 1]
+    if layer is not None:
+        pos = jnp.concatenate([jnp.broadcast_to(jnp.asarray(layer, jnp.int32), pos.shape), pos], axis=-1)
+    n_feat = cache.ndim - lead - 2
+    dims = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=tuple(range(2, 2 + n_feat)),
+        inserted_window_dims=(0, 2) if lead else (1,),
+        scatter_dims_to_operand_dims=(0, 2) if lead else (1,),
+        operand_batching_dims=(lead,), scatter_indices_batching_dims=(0,))
+    return jax.lax.scatter(cache, pos, rows, dims, mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
 
 # unsigned-int bits -> the float they hold in a bit-held cache (LayerCache.as_bits)
@@ -203,18 +224,21 @@ class MLA(nnx.Module):
         return jnp.concatenate([c, k_pe], axis=-1)
 
     def __call__(self, x, positions, cos, sin, *, numerics="exact", attention_impl="auto",
-                 cache: LayerCache | None = None, kv_lengths=None, q_starts=None):
+                 cache: LayerCache | None = None, kv_lengths=None, q_starts=None, layer=None):
         """x [B, T, D], positions [B, T] int32 absolute, cos/sin [B, T, rope/2].
 
         Without a cache, the keys are this call's tokens: key slot = token index 0..T-1, and
         causality runs over slots (positions only feed rope through cos/sin). q_starts [B, T]
         int32 or None: lowest visible key slot per query (packed rows: the segment start).
         With a cache, this call's entries are written at `positions` and the keys are the
-        whole cache; `kv_lengths` [B] bounds the valid slots.
+        whole cache; `kv_lengths` [B] bounds the valid slots. layer: None, or an int32 scalar
+        when `cache` holds the caches of a stack of layers (leaves [n, B, S, ...], the scan of
+        model.BlockStack): this layer's entries are written and read in place, never copied out.
         Returns (out [B, T, D], indices [B, T, K] int32, new cache or None).
         """
         with jax.named_scope("mla"):
-            return self._attention(x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths, q_starts)
+            return self._attention(x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths, q_starts,
+                                   layer)
 
     def absorbed_queries(self, x, cos, sin):
         """x [B, T, D] -> (q_full [B, T, H, kv_lora_rank + rope] with W_UK folded in, the
@@ -250,7 +274,7 @@ class MLA(nnx.Module):
         w = lin.weight().reshape(cfg.kv_lora_rank, h, p)[..., c0:c1]
         return jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
-    def _attention(self, x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths, q_starts):
+    def _attention(self, x, positions, cos, sin, numerics, attention_impl, cache, kv_lengths, q_starts, layer):
         cfg = self.cfg
         b, t, _ = x.shape
         h, nope, v = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
@@ -263,20 +287,21 @@ class MLA(nnx.Module):
             keys, index_k, index_k_scale = latent, ik, iks
             q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         else:
-            cache = cache.write(positions, latent, ik, iks)
+            cache = cache.write(positions, latent, ik, iks, layer)
             seen = cache.view()
             keys, index_k, index_k_scale = seen.keys, seen.index_k, seen.index_k_scale
             q_positions = positions.astype(jnp.int32)
 
         index_impl, attn_impl, backend = resolve_attention(attention_impl, self.kernel_backend)
         mesh = self.mesh
+        on_layer = {} if cache is None or layer is None else {"layer": layer}
 
         def attend(q_full_c, iq_c, iw_c, qpos_c, qst_c=None):
             idx = sharded_indexer_topk(iq_c, index_k, iw_c, mesh=mesh, topk=cfg.index_topk,
                                        q_positions=qpos_c, k_scale=index_k_scale, kv_lengths=kv_lengths,
-                                       q_starts=qst_c, impl=index_impl, backend=backend)
+                                       q_starts=qst_c, impl=index_impl, backend=backend, **on_layer)
             o = sharded_sparse_mla(q_full_c, keys, idx, mesh=mesh, softmax_scale=cfg.softmax_scale,
-                                   v_dim=cfg.kv_lora_rank, impl=attn_impl, backend=backend)
+                                   v_dim=cfg.kv_lora_rank, impl=attn_impl, backend=backend, **on_layer)
             return o, idx
 
         args = (q_full, iq, iw, q_positions) + (() if q_starts is None else (q_starts.astype(jnp.int32),))

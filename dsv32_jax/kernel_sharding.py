@@ -18,6 +18,8 @@ divide is replicated, as `batch_spec` does):
     indexer      q [B, T, Hi, D], weights [B, T, Hi], q_positions [B, T], k [B, L, D],
                  k_scale [B, L], kv_lengths [B]           -> batch split, everything else whole
                  out indices [B, T, K]                    -> (batch, -, -)
+    With `layer` given, the cache operands (kv, k, k_scale) are stacks of layers [n, B, L, ...]
+    whose leading axis is never split, and the layer index is a replicated scalar.
 
 Indexer heads are never split. Its selection is a top-k over a weighted *sum* over the Hi
 heads, I[t, s] = sum_j w[t, j] relu(q[t, j] . k[s]); with heads split, every device would hold
@@ -38,6 +40,7 @@ varying-manual-axes type.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dsv32_jax.sharding import spec_for
@@ -65,39 +68,54 @@ def indexer_specs(mesh: Mesh, batch: int) -> dict[str, P]:
     return {name: spec_for(axes, (batch,) * len(axes), mesh) for name, axes in INDEXER_AXES.items()}
 
 
-def sharded_sparse_mla(q, kv, indices, *, mesh: Mesh | None, softmax_scale, v_dim, **op_options):
+def _stacked(spec: P) -> P:
+    """The spec of a cache array with a leading (never split) layer axis: [n, B, L, ...]."""
+    return P(None, *spec)
+
+
+def sharded_sparse_mla(q, kv, indices, *, mesh: Mesh | None, softmax_scale, v_dim, layer=None, **op_options):
     """`pallas_kernels.sparse_mla` on the per-device slice under `mesh` (directly without one).
 
     q [B, T, H, Dk], kv [B, L, Dk] or a compact FP8 cache (pallas_kernels.sparse_mla.CompactKV, its
     three [B, L, ...] arrays split like kv), indices [B, T, K] int32 -> float32 [B, T, H, v_dim].
+    layer: None, or an int32 scalar: kv (each array of a compact cache) is then a stack of layers'
+    caches [n, B, L, ...] and the op reads layer `layer` in place (no copy of the layer's cache).
     op_options: impl, backend, variant, ... (see sparse_mla). Differentiable w.r.t. q and a dense kv.
     """
-    def local(q, kv, indices):
-        return sparse_mla(q, kv, indices, softmax_scale=softmax_scale, v_dim=v_dim, **op_options)
+    layer_args = () if layer is None else (jnp.asarray(layer, jnp.int32),)
+
+    def local(q, kv, indices, *layer_arg):
+        return sparse_mla(q, kv, indices, softmax_scale=softmax_scale, v_dim=v_dim,
+                          **({"layer": layer_arg[0]} if layer_arg else {}), **op_options)
 
     with jax.named_scope("sparse_mla"):
         if mesh is None:
-            return local(q, kv, indices)
+            return local(q, kv, indices, *layer_args)
         s = sparse_mla_specs(mesh, q.shape)
-        return jax.shard_map(local, mesh=mesh, in_specs=(s["q"], s["kv"], s["indices"]),
-                             out_specs=s["out"], check_vma=False)(q, kv, indices)
+        kv_spec = s["kv"] if layer is None else _stacked(s["kv"])
+        in_specs = (s["q"], kv_spec, s["indices"]) + (P(),) * len(layer_args)
+        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=s["out"],
+                             check_vma=False)(q, kv, indices, *layer_args)
 
 
 def sharded_indexer_topk(q, k, weights, *, mesh: Mesh | None, topk, q_positions, k_scale=None,
-                         kv_lengths=None, q_starts=None, **op_options):
+                         kv_lengths=None, q_starts=None, layer=None, **op_options):
     """`pallas_kernels.indexer_topk` on the per-device slice under `mesh` (directly without one).
 
     q [B, T, Hi, D], k [B, L, D], weights [B, T, Hi] f32, q_positions [B, T] int32,
     k_scale [B, L] f32 | None, kv_lengths [B] int32 | None, q_starts [B, T] int32 | None (lowest
     visible key per query: packed segments) -> int32 [B, T, min(topk, L)].
+    layer: None, or an int32 scalar: k [n, B, L, D] and k_scale [n, B, L] are then stacks of
+    layers' caches and the op scores layer `layer`'s keys in place.
     op_options: impl, backend, kernel options (see indexer_topk).
     """
     args = {"q": q, "k": k, "weights": weights, "q_positions": q_positions, "k_scale": k_scale,
-            "kv_lengths": kv_lengths, "q_starts": q_starts}
+            "kv_lengths": kv_lengths, "q_starts": q_starts,
+            "layer": None if layer is None else jnp.asarray(layer, jnp.int32)}
     args = {name: a for name, a in args.items() if a is not None}
 
     def local(a):
-        extra = {"q_starts": a["q_starts"]} if "q_starts" in a else {}
+        extra = {n: a[n] for n in ("q_starts", "layer") if n in a}
         return indexer_topk(a["q"], a["k"], a["weights"], topk=topk, q_positions=a["q_positions"],
                             k_scale=a.get("k_scale"), kv_lengths=a.get("kv_lengths"), **extra, **op_options)
 
@@ -105,5 +123,7 @@ def sharded_indexer_topk(q, k, weights, *, mesh: Mesh | None, topk, q_positions,
         if mesh is None:
             return local(args)
         s = indexer_specs(mesh, q.shape[0])
+        if layer is not None:
+            s = dict(s, k=_stacked(s["k"]), k_scale=_stacked(s["k_scale"]), layer=P())
         return jax.shard_map(local, mesh=mesh, in_specs=({n: s[n] for n in args},),
                              out_specs=s["out"], check_vma=False)(args)

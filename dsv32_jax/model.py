@@ -136,9 +136,11 @@ class Block(nnx.Module):
                     MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs, fp8_block=fp8_block))
 
     def __call__(self, h, positions, cos, sin, *, numerics, attention_impl, cache=None, kv_lengths=None,
-                 q_starts=None):
+                 q_starts=None, layer=None):
+        """layer: None, or the int32 index of this layer in `cache` when it holds a stack of
+        layers' caches (see MLA.__call__)."""
         a, idx, cache = self.attn(self.attn_norm(h), positions, cos, sin, numerics=numerics,
-                                  attention_impl=attention_impl, cache=cache, kv_lengths=kv_lengths,
+                                  attention_impl=attention_impl, cache=cache, kv_lengths=kv_lengths, layer=layer,
                                   **({} if q_starts is None else {"q_starts": q_starts}))
         h = h + a
         h = h + self.mlp(self.ffn_norm(h))
@@ -181,8 +183,9 @@ class BlockStack(nnx.Module):
                  q_starts=None, mesh=None):
         """h [B, T, D] -> (h [B, T, D], indices int32 [n, B, T, K], caches or None).
 
-        caches: LayerCache with leaves [n, B, L, ...] (carried through the scan: each layer
-        reads its slice and writes it back), or None."""
+        caches: LayerCache with leaves [n, B, L, ...], or None. The stack is carried through the
+        scan whole; layer i writes its new entries into [i, b, position] and its attention ops
+        read [i] in place (given the layer index), so no layer's cache is copied per step."""
         graphdef, stacked, shared = nnx.split(self.block, is_stacked, ...)
         extra = {} if q_starts is None else {"q_starts": q_starts}
 
@@ -190,14 +193,10 @@ class BlockStack(nnx.Module):
             h, caches, i = carry
             blk = nnx.merge(graphdef, layer_state, shared)
             before = _values(blk)
-            cache = None if caches is None else jax.tree.map(
-                lambda c: jax.lax.dynamic_index_in_dim(c, i, 0, keepdims=False), caches)
             with jax.named_scope("layer"):
-                h, idx, cache = blk(h, positions, cos, sin, numerics=numerics, attention_impl=attention_impl,
-                                    cache=cache, kv_lengths=kv_lengths, **extra)
+                h, idx, caches = blk(h, positions, cos, sin, numerics=numerics, attention_impl=attention_impl,
+                                     cache=caches, kv_lengths=kv_lengths, layer=i, **extra)
             h = constrain_batch(h, mesh)
-            if caches is not None:
-                caches = jax.tree.map(lambda c, x: jax.lax.dynamic_update_index_in_dim(c, x, i, 0), caches, cache)
             written = {p: v for p, v in _values(blk).items() if v is not before.get(p)}
             return (h, caches, i + 1), (idx, written)
 

@@ -70,3 +70,40 @@ def test_lowered_collectives_count_scan_iterations():
     text = jax.jit(layers).lower(jnp.ones((8, 16)), jnp.ones((3, 5))).as_text()
     (c,) = collectives(text)
     assert (c.op, c.operand_bytes, c.calls) == ("all_to_all", 2 * 16 * 4, 3)
+
+
+def _eqn_outputs(jaxpr):
+    """Every equation's output avals in a jaxpr and all the sub-jaxprs it calls (scan bodies,
+    shard_map, pjit, custom_vjp, cond branches)."""
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name, [v.aval for v in eqn.outvars]
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else (p,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    yield from _eqn_outputs(inner)
+
+
+def test_decode_step_reads_and_writes_caches_in_place():
+    """The scan carries the stacked caches [n, B, L, ...] whole: a layer writes its new rows at
+    [layer, b, position] and its attention ops read the layer in place. No array of one layer's
+    cache shape [B, L, ...] is ever made (the scan used to slice each layer's cache out of the
+    stack and write it back whole: a copy of every cache per decode step), and the compiled step
+    updates the donated caches in place with less temporary memory than one layer's cache."""
+    cfg = load_config("configs/tiny.json").replace(num_hidden_layers=4, first_k_dense_replace=1)
+    batch, max_len = 3, 2048
+    model = nnx.eval_shape(lambda: Transformer(cfg, RuntimeOptions(dtype=jnp.float32, attention_impl="xla"),
+                                               rngs=nnx.Rngs(0)))
+    step, state, caches, tok = abstract_decode_step(model, batch, max_len)
+    slices = {leaf.shape[1:] for c in caches for leaf in jax.tree.leaves(c) if leaf.ndim >= 4}
+    assert slices and all(s[:2] == (batch, max_len) for s in slices)
+    jaxpr = jax.make_jaxpr(step)(state, caches, tok, tok).jaxpr
+    made = [(name, a.shape) for name, avals in _eqn_outputs(jaxpr) for a in avals
+            if getattr(a, "shape", None) in slices]
+    assert not made, made
+    mem = jax.jit(step, donate_argnums=1).lower(state, caches, tok, tok).compile().memory_analysis()
+    cache_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(caches))
+    slice_bytes = min(leaf.size // leaf.shape[0] * leaf.dtype.itemsize for leaf in jax.tree.leaves(caches)
+                      if leaf.ndim >= 4)
+    assert mem.alias_size_in_bytes >= cache_bytes
+    assert mem.temp_size_in_bytes < slice_bytes, (mem.temp_size_in_bytes, slice_bytes)
