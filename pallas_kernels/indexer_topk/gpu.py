@@ -126,11 +126,12 @@ def _bitonic_merge(v, i, descending):
 
 
 # ----------------------------------------------------------------------------- kernels
-def _scan_kernel(q_ref, w_ref, lim_ref, *rest, n, sub, seq_len, num_t,
+def _scan_kernel(layer_ref, q_ref, w_ref, lim_ref, *rest, n, sub, seq_len, num_t,
                  tiles_per_split, has_scale, has_start, cdtype):
-    """One (query, split) program.  q_ref [Hp, D]; w_ref [Hp] f32; lim_ref [1] int32
+    """One (query, split) program.  layer_ref [1] int32: the layer of the stacked keys;
+    q_ref [Hp, D]; w_ref [Hp] f32; lim_ref [1] int32
     (keys s < lim are visible); lo_ref [1] int32 (if has_start: keys s >= lo are visible);
-    k_ref [B, L, D] and ks_ref [B, L] in HBM; outputs
+    k_ref [n, B, L, D] and ks_ref [n, B, L] in HBM (loads offset by the layer); outputs
     ov_ref [N] f32, oi_ref [N] int32: the split's best N, ascending."""
     if has_start:
         lo_ref, *rest = rest
@@ -142,6 +143,7 @@ def _scan_kernel(q_ref, w_ref, lim_ref, *rest, n, sub, seq_len, num_t,
         ov_ref, oi_ref = rest
     b = pl.program_id(0) // num_t
     split = pl.program_id(1)
+    lay = jnp.max(layer_ref[...])
     q = q_ref[...].astype(cdtype)
     w = w_ref[...].astype(jnp.float32)[:, None]
     lim = jnp.max(lim_ref[...])
@@ -159,14 +161,14 @@ def _scan_kernel(q_ref, w_ref, lim_ref, *rest, n, sub, seq_len, num_t,
             start = base + c * sub
             keys = start + sub_iota
             inb = keys < seq_len
-            kk = plgpu.load(k_ref.at[b, pl.ds(start, sub), :],
-                            mask=jnp.broadcast_to(inb[:, None], (sub, k_ref.shape[2])),
+            kk = plgpu.load(k_ref.at[lay, b, pl.ds(start, sub), :],
+                            mask=jnp.broadcast_to(inb[:, None], (sub, k_ref.shape[3])),
                             other=0.0).astype(cdtype)
             logits = jax.lax.dot_general(q, kk, (((1,), (1,)), ((), ())), precision=prec,
                                          preferred_element_type=jnp.float32)
             s = jnp.sum(jnp.maximum(logits, 0.0) * w, axis=0)  # [sub]
             if has_scale:
-                s = s * plgpu.load(ks_ref.at[b, pl.ds(start, sub)], mask=inb, other=0.0)
+                s = s * plgpu.load(ks_ref.at[lay, b, pl.ds(start, sub)], mask=inb, other=0.0)
             s = jnp.where((keys < lim) & (keys >= lo) & (s == s), s, -jnp.inf)
             return jnp.where(row_id == c, s[None, :], tile)
 
@@ -217,8 +219,8 @@ def _compute_dtype(q, k):
 
 @functools.partial(jax.jit, static_argnames=("topk", "sub", "nsplit", "min_tiles_per_split",
                                              "target_programs", "num_warps", "interpret"))
-def indexer_topk_gpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, q_starts=None, *, topk,
-                     sub=64, nsplit=None, min_tiles_per_split=2, target_programs=264,
+def indexer_topk_gpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, q_starts=None, layer=None,
+                     *, topk, sub=64, nsplit=None, min_tiles_per_split=2, target_programs=264,
                      num_warps=8, interpret=False):
     """Top-k visible keys per query (GPU kernel, Triton lowering).
 
@@ -227,11 +229,15 @@ def indexer_topk_gpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, 
     kv_lengths: [B] int32 or None, q_starts: [B, T] int32 or None (keys below it are
     invisible).  Returns int32 [B, T, min(topk, L)], descending score,
     ties by lower key index, -1 where no visible key is left.
+    layer: None, or an int32 scalar: then k is [n, B, L, D] and k_scale [n, B, L]; the kernel
+    gets the stack itself and the layer as a small int32 operand that offsets its key loads (no
+    [B, L, D] copy; except when D is not a power of two: that one layer is copied and padded).
     sub: keys per dot (power of two <= N); nsplit: key splits per query (None: enough to
     give about target_programs programs, each split >= min_tiles_per_split tiles).
     """
     B, T, Hi, D = q.shape
-    L = k.shape[1]
+    k, k_scale, layer = reference.stack_layer(k, k_scale, layer)   # k [nl, B, L, D]
+    L = k.shape[2]
     K = min(topk, L)
     n = list_size(topk, L)
     sub = min(sub, n)
@@ -247,14 +253,18 @@ def indexer_topk_gpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, 
     hp, dp = _pow2(Hi, 16), _pow2(D, 16)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, hp - Hi), (0, dp - D))).reshape(B * T, hp, dp)
     w = jnp.pad(weights.astype(jnp.float32), ((0, 0), (0, 0), (0, hp - Hi))).reshape(B * T, hp)
-    if dp != D:
-        k = jnp.pad(k, ((0, 0), (0, 0), (0, dp - D)))
+    if dp != D:  # pad the one layer read (D is 128 in the release: no copy there)
+        k = jnp.pad(jax.lax.dynamic_index_in_dim(k, layer, 0), ((0, 0), (0, 0), (0, 0), (0, dp - D)))
+        if k_scale is not None:
+            k_scale = jax.lax.dynamic_index_in_dim(k_scale, layer, 0)
+        layer = jnp.zeros((), jnp.int32)
     lim = reference.visible_counts(q_positions, kv_lengths, L).reshape(B * T, 1)
 
-    in_specs = [pl.BlockSpec((None, hp, dp), lambda p, s: (p, 0, 0)),
+    in_specs = [pl.BlockSpec((1,), lambda p, s: (0,)),
+                pl.BlockSpec((None, hp, dp), lambda p, s: (p, 0, 0)),
                 pl.BlockSpec((None, hp), lambda p, s: (p, 0)),
                 pl.BlockSpec((None, 1), lambda p, s: (p, 0))]
-    args = [q, w, lim]
+    args = [layer.reshape(1), q, w, lim]
     if q_starts is not None:
         in_specs.append(pl.BlockSpec((None, 1), lambda p, s: (p, 0)))
         args.append(q_starts.astype(jnp.int32).reshape(B * T, 1))

@@ -33,6 +33,9 @@ follows ``jnp.roll``) and picks with ``jnp.where``.  Elements are (score, index)
 compared lexicographically: higher score first, then LOWER index first, so ties are
 broken exactly like ``jax.lax.top_k`` in the reference and the output is deterministic.
 
+Keys stacked over layers ([n, B, L, D], the model's per-scan cache) are read in place: the
+layer is a second scalar-prefetch operand that the key and key-scale index_maps select with.
+
 Tiles past the last visible key of a query block (causal limit or kv_length) are neither
 computed nor fetched: a scalar-prefetched tile count per (batch, query block) clamps the
 key index_map, so the pipeline re-uses the previous block instead of issuing a new DMA.
@@ -117,8 +120,9 @@ def _bitonic_merge(v, i, pos, n, descending):
 
 
 # ------------------------------------------------------------------------------ kernel
-def _kernel(tiles_ref, q_ref, w_ref, lim_ref, *rest, n, kc, nq, has_scale, has_start, cdtype):
-    """tiles_ref: SMEM int32 [B*nq] key tiles to visit per (batch, query block);
+def _kernel(tiles_ref, layer_ref, q_ref, w_ref, lim_ref, *rest, n, kc, nq, has_scale, has_start, cdtype):
+    """tiles_ref: SMEM int32 [B*nq] key tiles to visit per (batch, query block); layer_ref:
+    SMEM int32 [1], the layer of the stacked keys (used by the key index_maps only);
     q_ref [bq, Hi, D]; w_ref [bq, Hi, 1] f32; lim_ref [bq, 1, 1] int32 (visible keys are
     s < lim); lo_ref [bq, 1, 1] int32 (if has_start: visible keys are s >= lo); k_ref [N, D];
     ks_ref [1, N] f32 (if has_scale); out_ref [bq, N/128, 128] int32;
@@ -190,8 +194,8 @@ def _compute_dtype(q, k):
 
 
 @functools.partial(jax.jit, static_argnames=("topk", "block_q", "chunk", "interpret"))
-def indexer_topk_tpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, q_starts=None, *, topk,
-                     block_q=8, chunk=512, interpret=False):
+def indexer_topk_tpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, q_starts=None, layer=None,
+                     *, topk, block_q=8, chunk=512, interpret=False):
     """Top-k visible keys per query (TPU kernel).
 
     q: [B, T, Hi, D] (f32 / bf16 / float8_e4m3fn), k: [B, L, D] (f32 / bf16 / float8_e4m3fn),
@@ -199,11 +203,16 @@ def indexer_topk_tpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, 
     kv_lengths: [B] int32 or None, q_starts: [B, T] int32 or None (keys below it are
     invisible).  Returns int32 [B, T, min(topk, L)], descending score,
     ties by lower key index, -1 where no visible key is left.
+    layer: None, or an int32 scalar: then k is [n, B, L, D] and k_scale [n, B, L], and the
+    kernel reads layer ``layer`` of the stack in place: the layer is a scalar-prefetch operand
+    of the key / key-scale index_maps, so only that layer's tiles are DMA'd (no [B, L, D] copy;
+    except a short cache L < N, whose one layer is copied and padded to a tile).
     block_q: queries per block (multiple of 8, or >= T); chunk: keys per matmul (multiple
     of 128).  interpret: False, True, or a ``pltpu.InterpretParams``.
     """
     B, T, Hi, D = q.shape
-    L = k.shape[1]
+    k, k_scale, layer = reference.stack_layer(k, k_scale, layer)   # k [nl, B, L, D]
+    L = k.shape[2]
     K = min(topk, L)
     n = list_size(topk, L)
     kc = min(chunk, n)
@@ -218,11 +227,12 @@ def indexer_topk_tpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, 
     if hp != Hi:
         q = jnp.pad(q, ((0, 0), (0, 0), (0, hp - Hi), (0, 0)))
         w = jnp.pad(w, ((0, 0), (0, 0), (0, hp - Hi)))
-    # Short caches (L < N): pad the keys to one tile; the pad is invisible.
+    # Short caches (L < N): pad the layer's keys to one tile; the pad is invisible.
     if L < n:
-        k = jnp.pad(k, ((0, 0), (0, n - L), (0, 0)))
+        k = jnp.pad(jax.lax.dynamic_index_in_dim(k, layer, 0), ((0, 0), (0, 0), (0, n - L), (0, 0)))
         if k_scale is not None:
-            k_scale = jnp.pad(k_scale, ((0, 0), (0, n - L)))
+            k_scale = jnp.pad(jax.lax.dynamic_index_in_dim(k_scale, layer, 0), ((0, 0), (0, 0), (0, n - L)))
+        layer = jnp.zeros((), jnp.int32)
     nk = pl.cdiv(max(L, n), n)
 
     lim = reference.visible_counts(q_positions, kv_lengths, L)           # [B, T]
@@ -230,28 +240,31 @@ def indexer_topk_tpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, 
     tiles = pl.cdiv(jnp.max(lim_pad.reshape(B, nq, bq), axis=-1), n)     # [B, nq]
     tiles = jnp.minimum(tiles, nk).astype(jnp.int32).reshape(B * nq)
 
-    def kv_map(b, qb, kt, tiles_ref):
+    def kv_map(b, qb, kt, tiles_ref, layer_ref):
         last = jnp.maximum(tiles_ref[b * nq + qb] - 1, 0)
-        return b, jnp.minimum(kt, last), 0
+        return layer_ref[0], b, jnp.minimum(kt, last), 0
 
-    def ks_map(b, qb, kt, tiles_ref):
-        _, blk, _ = kv_map(b, qb, kt, tiles_ref)
-        return b, 0, blk
+    def ks_map(b, qb, kt, tiles_ref, layer_ref):
+        lay, _, blk, _ = kv_map(b, qb, kt, tiles_ref, layer_ref)
+        return lay, b, 0, blk
+
+    def q_map(b, qb, kt, *_):
+        return b, qb, 0, 0
 
     in_specs = [
-        pl.BlockSpec((None, bq, hp, D), lambda b, qb, kt, t_: (b, qb, 0, 0)),
-        pl.BlockSpec((None, bq, hp, 1), lambda b, qb, kt, t_: (b, qb, 0, 0)),
-        pl.BlockSpec((None, bq, 1, 1), lambda b, qb, kt, t_: (b, qb, 0, 0)),
+        pl.BlockSpec((None, bq, hp, D), q_map),
+        pl.BlockSpec((None, bq, hp, 1), q_map),
+        pl.BlockSpec((None, bq, 1, 1), q_map),
     ]
     args = [q, w[..., None], lim[:, :, None, None]]
     if q_starts is not None:
-        in_specs.append(pl.BlockSpec((None, bq, 1, 1), lambda b, qb, kt, t_: (b, qb, 0, 0)))
+        in_specs.append(pl.BlockSpec((None, bq, 1, 1), q_map))
         args.append(q_starts.astype(jnp.int32)[:, :, None, None])
-    in_specs.append(pl.BlockSpec((None, n, D), kv_map))
+    in_specs.append(pl.BlockSpec((None, None, n, D), kv_map))   # the stack itself, no copy
     args.append(k)
     if k_scale is not None:
-        in_specs.append(pl.BlockSpec((None, 1, n), ks_map))
-        args.append(k_scale.astype(jnp.float32)[:, None, :])
+        in_specs.append(pl.BlockSpec((None, None, 1, n), ks_map))
+        args.append(k_scale.astype(jnp.float32)[:, :, None, :])
     rows = n // LANES
     kernel = functools.partial(_kernel, n=n, kc=kc, nq=nq, has_scale=k_scale is not None,
                                has_start=q_starts is not None, cdtype=_compute_dtype(q, k))
@@ -259,10 +272,10 @@ def indexer_topk_tpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, 
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, T, rows, LANES), jnp.int32),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
+            num_scalar_prefetch=2,
             grid=(B, nq, nk),
             in_specs=in_specs,
-            out_specs=pl.BlockSpec((None, bq, rows, LANES), lambda b, qb, kt, t_: (b, qb, 0, 0)),
+            out_specs=pl.BlockSpec((None, bq, rows, LANES), lambda b, qb, kt, *_: (b, qb, 0, 0)),
             scratch_shapes=[pltpu.VMEM((bq, rows, LANES), jnp.float32),
                             pltpu.VMEM((bq, rows, LANES), jnp.int32),
                             pltpu.VMEM((bq, rows, LANES), jnp.float32)],
@@ -270,5 +283,5 @@ def indexer_topk_tpu(q, k, weights, q_positions, k_scale=None, kv_lengths=None, 
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(tiles, *args)
+    )(tiles, layer.reshape(1), *args)
     return out.reshape(B, T, n)[:, :, :K]

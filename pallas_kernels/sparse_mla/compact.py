@@ -24,16 +24,16 @@ import jax.numpy as jnp
 @dataclasses.dataclass
 class CompactKV:
     """latent [B, L, Dv] float8_e4m3fn, scale [B, L, Dv // block] float32, rope [B, L, Dr]
-    (compute dtype). Dk = Dv + Dr as for a dense kv [B, L, Dk]."""
+    (compute dtype). Dk = Dv + Dr as for a dense kv [B, L, Dk]. A stacked cache (one per scanned
+    layer, read with `layer=`) has the three arrays [n, B, L, ...]."""
     latent: jax.Array
     scale: jax.Array
     rope: jax.Array
 
     @property
     def shape(self):
-        """(B, L, Dk) of the dense rows it stands for."""
-        b, l, dv = self.latent.shape
-        return (b, l, dv + self.rope.shape[-1])
+        """(B, L, Dk) (stacked: (n, B, L, Dk)) of the dense rows it stands for."""
+        return (*self.latent.shape[:-1], self.latent.shape[-1] + self.rope.shape[-1])
 
     @property
     def dtype(self):
@@ -55,13 +55,14 @@ class CompactKV:
 
 
 def check(kv: CompactKV, v_dim: int) -> None:
-    """ValueError unless the three arrays form one cache whose latent is the value (v_dim)."""
-    b, l, dv = kv.latent.shape
+    """ValueError unless the three arrays form one cache ([B, L, ...] or stacked [n, B, L, ...])
+    whose latent is the value (v_dim)."""
+    lead, dv = kv.latent.shape[:-1], kv.latent.shape[-1]
     ns = kv.scale.shape[-1]
     if kv.latent.dtype != jnp.float8_e4m3fn or kv.scale.dtype != jnp.float32:
         raise ValueError(f"error: sparse_mla: compact kv wants latent float8_e4m3fn and scale float32, got "
                          f"{kv.latent.dtype} / {kv.scale.dtype}")
-    if kv.scale.shape[:2] != (b, l) or kv.rope.shape[:2] != (b, l) or ns == 0 or dv % ns:
+    if kv.scale.shape[:-1] != lead or kv.rope.shape[:-1] != lead or ns == 0 or dv % ns:
         raise ValueError(f"error: sparse_mla: compact kv shapes do not match: latent {kv.latent.shape}, scale "
                          f"{kv.scale.shape}, rope {kv.rope.shape}")
     if v_dim != dv:
@@ -81,24 +82,36 @@ def dense(kv: CompactKV):
     return dequantize(kv.latent, kv.scale, kv.rope)
 
 
-def gather(kv, indices):
+def _take_stacked(x, indices, layer):
+    """x [n, B, L, W], indices [B, ...] -> x[layer, b, indices[b, ...]] [B, ..., W]: one gather
+    with index (layer, b, idx), never a [B, L, W] slice of the layer."""
+    b = jnp.arange(x.shape[1], dtype=jnp.int32).reshape((-1,) + (1,) * (indices.ndim - 1))
+    return x[layer, b, indices]
+
+
+def gather(kv, indices, layer=None):
     """Rows kv[b, indices[b, ...]] of a dense [B, L, Dk] or compact cache -> [B, ..., Dk] in the
     cache's (compute) dtype; indices must be valid (>= 0). A compact cache is dequantised after
-    the gather, so only the selected rows are ever dequantised."""
-    take = jax.vmap(lambda x, i: x[i])
+    the gather, so only the selected rows are ever dequantised.
+    layer: None, or an int32 scalar for a stacked cache [n, B, L, ...]: rows of kv[layer] gathered
+    straight from the stacked arrays."""
+    if layer is None:
+        take = jax.vmap(lambda x, i: x[i])
+    else:
+        take = lambda x, i: _take_stacked(x, i, layer)                # noqa: E731
     if isinstance(kv, CompactKV):
         return dequantize(take(kv.latent, indices), take(kv.scale, indices), take(kv.rope, indices))
     return take(kv, indices)
 
 
 def take_flat(kv, flat):
-    """Rows of the cache flattened to [B * L, Dk] at flat indices b * L + l -> [..., Dk]."""
+    """Rows of the cache flattened to [B * L, Dk] at flat indices b * L + l -> [..., Dk]
+    (a stacked cache [n, B, L, Dk]: flattened to [n * B * L, Dk], flat = (layer * B + b) * L + l;
+    the flattening is a reshape, no copy)."""
     if isinstance(kv, CompactKV):
-        b, l = kv.latent.shape[:2]
-        f = lambda x: x.reshape(b * l, x.shape[-1])[flat]            # noqa: E731
+        f = lambda x: x.reshape(-1, x.shape[-1])[flat]               # noqa: E731
         return dequantize(f(kv.latent), f(kv.scale), f(kv.rope))
-    b, l, dk = kv.shape
-    kv = kv.reshape(b * l, dk)
+    kv = kv.reshape(-1, kv.shape[-1])
     if kv.dtype == jnp.bfloat16:
         # gather the bits: XLA:CPU gathers bfloat16 through a float32 copy of the whole cache
         return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(kv, jnp.uint16)[flat], jnp.bfloat16)

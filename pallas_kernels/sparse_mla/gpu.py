@@ -21,6 +21,11 @@ scales through the same pointer tensor with column // block (4 distinct addresse
 multiplied in f32 and cast to rope's dtype in registers, and the rope tile; the MMAs are those
 of the dense cache.
 
+Stacked caches (one per scanned decoder layer): with `layer` given, kv is [n, B, L, Dk] (compact:
+[n, B, L, ...]); the layer index is a one-element int32 operand that each program loads once and
+adds to its row pointers (kv_ref.at[layer, b, rows, cols]), so only the selected rows of that
+layer are read. Without `layer` the cache is viewed as a stack of one (a free reshape) at layer 0.
+
 Two entry points:
   * `sparse_mla_prefill_gpu`: grid (B*T, H / block_h); one program = one query token
     x `block_h` heads over all of its K indices (the FlashMLA prefill layout: the
@@ -72,18 +77,21 @@ def _prep(q, kv, indices, block_k):
     return q.reshape(B * T, H, Dk), idx2, _block_extents(idx2, block_k)
 
 
-def _kernel(q_ref, idx_ref, ext_ref, *refs, seq_len, block_k, v_dim, softmax_scale, num_splits):
+def _kernel(q_ref, idx_ref, ext_ref, layer_ref, *refs, seq_len, block_k, v_dim, softmax_scale,
+            num_splits):
     """One program: query row r (= b*T + t), a tile of heads, one split of its K blocks.
 
     q_ref: [block_h, Dk] (this row's heads), idx_ref: [R, Kp] int32 (HBM),
-    ext_ref: [R] int32 (HBM), refs: the cache in HBM, kv [B, L, Dk], or a compact cache's
-    latent [B, L, v_dim] e4m3, scale [B, L, ns] f32 and rope [B, L, Dk - v_dim];
+    ext_ref: [R] int32 (HBM), layer_ref: [1] int32 (HBM, the layer to read), refs: the stacked
+    cache in HBM, kv [n, B, L, Dk], or a compact cache's latent [n, B, L, v_dim] e4m3, scale
+    [n, B, L, ns] f32 and rope [n, B, L, Dk - v_dim];
     then o_ref: [block_h, v_dim] f32, lse_ref: [block_h] f32.
     """
     *kv_refs, o_ref, lse_ref = refs
     compact = len(kv_refs) == 3
     r = pl.program_id(0)
     b = r // seq_len
+    layer = layer_ref[0]
     block_h, dk = q_ref.shape
     rope = dk - v_dim
     n_blocks = ext_ref[r]
@@ -114,16 +122,17 @@ def _kernel(q_ref, idx_ref, ext_ref, *refs, seq_len, block_k, v_dim, softmax_sca
         if compact:        # dequantise the gathered rows: e4m3 latent * its block's scale
             lat_ref, sc_ref, rope_ref = kv_refs
             blk = v_dim // sc_ref.shape[-1]
-            k8 = plgpu.load(lat_ref.at[b, rows, lat_cols], mask=valid[:, None], other=0.0)
-            sc = plgpu.load(sc_ref.at[b, rows, lat_cols // blk], mask=valid[:, None], other=0.0)
+            k8 = plgpu.load(lat_ref.at[layer, b, rows, lat_cols], mask=valid[:, None], other=0.0)
+            sc = plgpu.load(sc_ref.at[layer, b, rows, lat_cols // blk], mask=valid[:, None],
+                            other=0.0)
             k_lat = (k8.astype(jnp.float32) * sc).astype(cd)          # [block_k, v_dim]
-            k_rope = plgpu.load(rope_ref.at[b, rows, rope_cols - v_dim], mask=valid[:, None],
+            k_rope = plgpu.load(rope_ref.at[layer, b, rows, rope_cols - v_dim], mask=valid[:, None],
                                 other=0.0)                          # [block_k, rope]
         else:
             kv_ref = kv_refs[0]
-            k_lat = plgpu.load(kv_ref.at[b, rows, lat_cols], mask=valid[:, None],
+            k_lat = plgpu.load(kv_ref.at[layer, b, rows, lat_cols], mask=valid[:, None],
                                other=0.0)                           # [block_k, v_dim]
-            k_rope = plgpu.load(kv_ref.at[b, rows, rope_cols], mask=valid[:, None],
+            k_rope = plgpu.load(kv_ref.at[layer, b, rows, rope_cols], mask=valid[:, None],
                                 other=0.0)                          # [block_k, rope]
         logits = (lax.dot_general(q_lat, k_lat, dims, precision=prec,
                                   preferred_element_type=jnp.float32)
@@ -149,7 +158,8 @@ def _kernel(q_ref, idx_ref, ext_ref, *refs, seq_len, block_k, v_dim, softmax_sca
 
 
 def _call(q2, idx2, ext, kv, *, seq_len, v_dim, softmax_scale, block_h, block_k, num_splits,
-          num_warps, num_stages, interpret):
+          num_warps, num_stages, interpret, layer=None):
+    """The pallas_call; kv [B, L, Dk] (or compact), or with `layer` a stacked [n, B, L, ...]."""
     R, H, Dk = q2.shape
     if H % block_h:
         raise ValueError(f"H={H} must be a multiple of block_h={block_h}")
@@ -171,16 +181,19 @@ def _call(q2, idx2, ext, kv, *, seq_len, v_dim, softmax_scale, block_h, block_k,
         out_shape = (jax.ShapeDtypeStruct((R, num_splits, H, v_dim), jnp.float32),
                      jax.ShapeDtypeStruct((R, num_splits, H), jnp.float32))
     arrays = [kv.latent, kv.scale, kv.rope] if isinstance(kv, CompactKV) else [kv]
+    if layer is None:                                    # a stack of one layer (a free reshape)
+        arrays, layer = [a[None] for a in arrays], 0
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     return pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[q_spec, any_spec, any_spec] + [any_spec] * len(arrays),
+        in_specs=[q_spec, any_spec, any_spec, any_spec] + [any_spec] * len(arrays),
         out_specs=[o_spec, lse_spec],
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="sparse_mla_fwd_gpu",
-    )(q2, idx2, ext, *arrays)
+    )(q2, idx2, ext, layer, *arrays)
 
 
 def _combine_splits(o_part, lse_part):
@@ -209,13 +222,15 @@ def _default_blocks(dtype, block_h, block_k):
 
 
 def sparse_mla_prefill_gpu(q, kv, indices, *, softmax_scale, v_dim, block_h=None,
-                           block_k=None, num_warps=4, num_stages=2, interpret=False):
+                           block_k=None, num_warps=4, num_stages=2, interpret=False, layer=None):
     """Sparse MLA forward, one program per (query token, head tile).
 
     q [B, T, H, Dk], kv [B, L, Dk], indices [B, T, K] int32 (-1 = none)
     -> (out f32 [B, T, H, v_dim], lse f32 [B, T, H]).
     block_h must divide H; block_k, block_h, v_dim and Dk - v_dim must be powers of two
     (None = defaults that fit shared memory, see `_default_blocks`).
+    layer: None, or an int / int32 scalar with kv stacked [n, B, L, Dk] (compact: [n, B, L, ...]):
+    attends to kv[layer].
     """
     B, T, H, _ = q.shape
     block_h, block_k = _default_blocks(kv.dtype, block_h, block_k)
@@ -223,13 +238,13 @@ def sparse_mla_prefill_gpu(q, kv, indices, *, softmax_scale, v_dim, block_h=None
     q2, idx2, ext = _prep(q, kv, indices, block_k)
     out, lse = _call(q2, idx2, ext, kv, seq_len=T, v_dim=v_dim, softmax_scale=softmax_scale,
                      block_h=block_h, block_k=block_k, num_splits=1, num_warps=num_warps,
-                     num_stages=num_stages, interpret=interpret)
+                     num_stages=num_stages, interpret=interpret, layer=layer)
     return out.reshape(B, T, H, v_dim), lse.reshape(B, T, H)
 
 
 def sparse_mla_decode_gpu(q, kv, indices, *, softmax_scale, v_dim, block_h=None,
                           block_k=None, num_splits=None, num_warps=4, num_stages=2,
-                          interpret=False):
+                          interpret=False, layer=None):
     """Sparse MLA forward for decode: few query tokens per sequence, split-K over indices.
 
     q [B, T, H, Dk] (T small, e.g. 1 or 2 with MTP), kv [B, L, Dk],
@@ -237,6 +252,7 @@ def sparse_mla_decode_gpu(q, kv, indices, *, softmax_scale, v_dim, block_h=None,
     -> (out f32 [B, T, H, v_dim], lse f32 [B, T, H]).
     num_splits=None splits K only when B*T*H/block_h programs are fewer than two waves of
     a 132-SM GPU (on an H100, 64 sequences x 128 heads ran fastest unsplit).
+    layer: as for prefill.
     """
     B, T, H, _ = q.shape
     block_h, block_k = _default_blocks(kv.dtype, block_h, block_k)
@@ -250,12 +266,12 @@ def sparse_mla_decode_gpu(q, kv, indices, *, softmax_scale, v_dim, block_h=None,
         out, lse = _call(q2, idx2, ext, kv, seq_len=T, v_dim=v_dim,
                          softmax_scale=softmax_scale, block_h=block_h, block_k=block_k,
                          num_splits=1, num_warps=num_warps, num_stages=num_stages,
-                         interpret=interpret)
+                         interpret=interpret, layer=layer)
     else:
         o_part, lse_part = _call(q2, idx2, ext, kv, seq_len=T, v_dim=v_dim,
                                  softmax_scale=softmax_scale, block_h=block_h,
                                  block_k=block_k, num_splits=num_splits,
                                  num_warps=num_warps, num_stages=num_stages,
-                                 interpret=interpret)
+                                 interpret=interpret, layer=layer)
         out, lse = _combine_splits(o_part, lse_part)
     return out.reshape(B, T, H, v_dim), lse.reshape(B, T, H)

@@ -15,13 +15,15 @@ import jax.numpy as jnp
 from pallas_kernels.sparse_mla import compact
 
 
-def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, query_chunk=None):
+def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, query_chunk=None, layer=None):
     """q: [B, T, H, Dk] (Dk = kv_lora_rank + qk_rope_head_dim), kv: [B, L, Dk] latent cache
     (or a compact.CompactKV standing for one),
     indices: [B, T, K] int32 (-1 = none) -> out float32 [B, T, H, v_dim].
 
     Gathers only the selected rows; `query_chunk` bounds the [B, chunk, K, Dk] gather
     buffer for long prefills (the T axis is processed in chunks with lax.map).
+    layer: None, or an int32 scalar with kv a stacked cache [n, B, L, Dk] (compact: arrays
+    [n, B, L, ...]): attends to kv[layer], gathering its rows with index (layer, b, idx).
     """
     B, T, H, Dk = q.shape
     if query_chunk is not None and T > query_chunk and T % query_chunk == 0:
@@ -29,11 +31,11 @@ def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, query_chunk=None):
         qc = q.reshape(B, n, query_chunk, H, Dk).swapaxes(0, 1)
         ic = indices.reshape(B, n, query_chunk, -1).swapaxes(0, 1)
         out = jax.lax.map(lambda a: sparse_mla(a[0], kv, a[1], softmax_scale=softmax_scale,
-                                               v_dim=v_dim), (qc, ic))
+                                               v_dim=v_dim, layer=layer), (qc, ic))
         return out.swapaxes(0, 1).reshape(B, T, H, v_dim)
     valid = indices >= 0
     safe = jnp.where(valid, indices, 0)
-    rows = compact.gather(kv, safe)                                      # [B, T, K, Dk]
+    rows = compact.gather(kv, safe, layer)                               # [B, T, K, Dk]
     rows = rows.astype(jnp.float32)
     logits = jnp.einsum("bthd,btkd->bthk", q.astype(jnp.float32), rows,
                         precision=jax.lax.Precision.HIGHEST) * softmax_scale

@@ -40,6 +40,11 @@ gathered the same way, one DMA per selected row from each of its three arrays, a
 dequantised in VMEM (latent * its scale per lane block, cast to rope's dtype) into a [block_k, Dk]
 buffer before the same two matmuls: 656 bytes per selected row at the release's dims instead
 of 1152.
+Stacked caches (one per scanned decoder layer): with `layer` given, kv is [n, B, L, Dk] (compact:
+[n, B, L, ...]) and the layer index is a second scalar-prefetch operand folded into each row DMA's
+source address, kv_hbm.at[layer, b, row]: the kernel reads the selected rows of that layer and
+nothing else (no [B, L, Dk] slice of the layer is ever formed). Without `layer` the cache is
+viewed as a stack of one (a free reshape) at layer 0.
 Both lower for TPU from any host; they run (and are tested) under the Pallas
 interpreters. Not verified on TPU hardware: the final Mosaic compile and the speed of
 one [1, Dk] DMA per selected row (1152 bytes at bf16; a cache laid out as
@@ -60,15 +65,16 @@ from pallas_kernels.sparse_mla.compact import CompactKV
 NEG_INF = float("-inf")
 
 
-def _kernel(ext_ref, idx_v_ref, q_ref, idx_hbm, *refs, n_kv, seq_len, num_seqs, block_k, v_dim,
-            softmax_scale):
+def _kernel(ext_ref, layer_ref, idx_v_ref, q_ref, idx_hbm, *refs, n_kv, seq_len, num_seqs, block_k,
+            v_dim, softmax_scale):
     """One grid step: `rb` query rows.
 
     ext_ref [Rp] int32 (scalar prefetch, SMEM): blocks to visit per row (>= 1).
+    layer_ref [1] int32 (scalar prefetch, SMEM): the layer of the stacked cache to read.
     idx_v_ref [rb, 1, Kp] int32 (VMEM block): the rows' indices, for the validity mask.
-    q_ref [rb, H, Dk]; idx_hbm [Rp, Kp] int32 and the n_kv cache arrays stay in HBM: kv
-    [B, L, Dk] (n_kv = 1), or a compact cache's latent [B, L, v_dim] e4m3, scale [B, L, ns] f32
-    and rope [B, L, Dk - v_dim] (n_kv = 3).
+    q_ref [rb, H, Dk]; idx_hbm [Rp, Kp] int32 and the n_kv stacked cache arrays stay in HBM:
+    kv [n, B, L, Dk] (n_kv = 1), or a compact cache's latent [n, B, L, v_dim] e4m3, scale
+    [n, B, L, ns] f32 and rope [n, B, L, Dk - v_dim] (n_kv = 3).
     o_ref [rb, H, v_dim] f32, lse_ref [rb, 1, H] f32.
     Scratch: idx_smem [2, Kp] int32 (SMEM, one row's indices, double-buffered by row),
     isem DMA[2], per cache array a buffer [2, block_k, width] and DMA[2]; compact only: kbuf
@@ -95,13 +101,14 @@ def _kernel(ext_ref, idx_v_ref, q_ref, idx_hbm, *refs, n_kv, seq_len, num_seqs, 
         """Starts the block_k row copies (one per cache array) of block j of local row i into
         the buffers' slot."""
         b = jnp.minimum(lax.div(row0 + i, seq_len), num_seqs - 1)   # padded rows -> last seq
+        layer = layer_ref[0]
         base = j * block_k
         islot = lax.rem(i, 2)
 
         def one(t, c):
             row = jnp.maximum(idx_smem[islot, base + t], 0)       # -1 -> row 0, masked
             for hbm, buf, sem in zip(kv_hbm, bufs, sems):
-                pltpu.make_async_copy(hbm.at[b, pl.ds(row, 1)], buf.at[slot, pl.ds(t, 1)],
+                pltpu.make_async_copy(hbm.at[layer, b, pl.ds(row, 1)], buf.at[slot, pl.ds(t, 1)],
                                       sem.at[slot]).start()
             return c
 
@@ -111,7 +118,7 @@ def _kernel(ext_ref, idx_v_ref, q_ref, idx_hbm, *refs, n_kv, seq_len, num_seqs, 
         """Waits for the block_k row copies into the buffers' slot (same-sized descriptors)."""
         def one(t, c):
             for hbm, buf, sem in zip(kv_hbm, bufs, sems):
-                pltpu.make_async_copy(hbm.at[0, pl.ds(0, 1)], buf.at[slot, pl.ds(t, 1)],
+                pltpu.make_async_copy(hbm.at[0, 0, pl.ds(0, 1)], buf.at[slot, pl.ds(t, 1)],
                                       sem.at[slot]).wait()
             return c
 
@@ -190,9 +197,9 @@ def _kernel(ext_ref, idx_v_ref, q_ref, idx_hbm, *refs, n_kv, seq_len, num_seqs, 
     lax.fori_loop(0, rb, row_body, 0)
 
 
-def _run(q, kv, indices, *, softmax_scale, v_dim, rows_per_step, block_k, interpret):
-    """Shared driver; kv [B, L, Dk] or a compact.CompactKV. Returns (out f32 [B, T, H, v_dim],
-    lse f32 [B, T, H])."""
+def _run(q, kv, indices, *, softmax_scale, v_dim, rows_per_step, block_k, interpret, layer=None):
+    """Shared driver; kv [B, L, Dk] or a compact.CompactKV, or with `layer` (an int or int32
+    scalar) a stacked one [n, B, L, ...]. Returns (out f32 [B, T, H, v_dim], lse f32 [B, T, H])."""
     B, T, H, Dk = q.shape
     K = indices.shape[-1]
     R = B * T
@@ -208,21 +215,24 @@ def _run(q, kv, indices, *, softmax_scale, v_dim, rows_per_step, block_k, interp
     last = jnp.max(jnp.where(idx2 >= 0, pos[None, :], 0), axis=1)
     ext = jnp.maximum((last + block_k - 1) // block_k, 1)                  # [Rp]
     arrays = [kv.latent, kv.scale, kv.rope] if isinstance(kv, CompactKV) else [kv]
+    if layer is None:                                    # a stack of one layer (a free reshape)
+        arrays, layer = [a[None] for a in arrays], 0
+    layer = jnp.asarray(layer, jnp.int32).reshape(1)
     n_kv = len(arrays)
     kernel = functools.partial(_kernel, n_kv=n_kv, seq_len=T, num_seqs=B, block_k=block_k, v_dim=v_dim,
                                softmax_scale=float(softmax_scale))
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
+        num_scalar_prefetch=2,
         grid=(Rp // rb,),
         in_specs=[
-            pl.BlockSpec((rb, 1, Kp), lambda s, ext: (s, 0, 0)),
-            pl.BlockSpec((rb, H, Dk), lambda s, ext: (s, 0, 0)),
+            pl.BlockSpec((rb, 1, Kp), lambda s, ext, layer: (s, 0, 0)),
+            pl.BlockSpec((rb, H, Dk), lambda s, ext, layer: (s, 0, 0)),
             any_spec,
         ] + [any_spec] * n_kv,
         out_specs=[
-            pl.BlockSpec((rb, H, v_dim), lambda s, ext: (s, 0, 0)),
-            pl.BlockSpec((rb, 1, H), lambda s, ext: (s, 0, 0)),
+            pl.BlockSpec((rb, H, v_dim), lambda s, ext, layer: (s, 0, 0)),
+            pl.BlockSpec((rb, 1, H), lambda s, ext, layer: (s, 0, 0)),
         ],
         scratch_shapes=[
             pltpu.SMEM((2, Kp), jnp.int32),
@@ -253,33 +263,34 @@ def _run(q, kv, indices, *, softmax_scale, v_dim, rows_per_step, block_k, interp
         cost_estimate=cost,
         interpret=interpret,
         name="sparse_mla_fwd_tpu",
-    )(ext, idx2.reshape(Rp, 1, Kp), q2, idx2, *arrays)
+    )(ext, layer, idx2.reshape(Rp, 1, Kp), q2, idx2, *arrays)
     return out[:R].reshape(B, T, H, v_dim), lse[:R, 0].reshape(B, T, H)
 
 
 def sparse_mla_prefill_tpu(q, kv, indices, *, softmax_scale, v_dim, block_q=4, block_k=256,
-                           interpret=False):
+                           interpret=False, layer=None):
     """Sparse MLA forward for prefill: a grid step = `block_q` queries of one sequence.
 
     q [B, T, H, Dk], kv [B, L, Dk], indices [B, T, K] int32 (-1 = none)
     -> (out f32 [B, T, H, v_dim], lse f32 [B, T, H]).
     block_k must be a multiple of 128 (lane-aligned index slices); K need not be a
     multiple of block_k (padded with -1). `interpret` is passed to pallas_call
-    (True, False or a `pltpu.InterpretParams`).
+    (True, False or a `pltpu.InterpretParams`). layer: None, or an int / int32 scalar with kv
+    stacked [n, B, L, Dk] (compact: [n, B, L, ...]): attends to kv[layer] (scalar-prefetched).
     """
     return _run(q, kv, indices, softmax_scale=softmax_scale, v_dim=v_dim, rows_per_step=block_q,
-                block_k=block_k, interpret=interpret)
+                block_k=block_k, interpret=interpret, layer=layer)
 
 
 def sparse_mla_decode_tpu(q, kv, indices, *, softmax_scale, v_dim, block_b=4, block_k=256,
-                          interpret=False):
+                          interpret=False, layer=None):
     """Sparse MLA forward for decode: a grid step = `block_b` sequences x all T queries.
 
     q [B, T, H, Dk] (T small: 1, or 2 with MTP), kv [B, L, Dk],
     indices [B, T, K] int32, -1 past each sequence's length (ragged batch)
     -> (out f32 [B, T, H, v_dim], lse f32 [B, T, H]).
-    The batch is padded to a multiple of block_b with empty rows.
+    The batch is padded to a multiple of block_b with empty rows. layer: as for prefill.
     """
     T = q.shape[1]
     return _run(q, kv, indices, softmax_scale=softmax_scale, v_dim=v_dim,
-                rows_per_step=max(1, block_b) * T, block_k=block_k, interpret=interpret)
+                rows_per_step=max(1, block_b) * T, block_k=block_k, interpret=interpret, layer=layer)

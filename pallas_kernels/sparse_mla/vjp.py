@@ -88,11 +88,13 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, softmax_scale, v_dim,
     return dq.astype(q.dtype), dkv.astype(kv.dtype)
 
 
-def sparse_mla_blockwise(q, kv, indices, *, softmax_scale, v_dim, rows_per_step=1):
+def sparse_mla_blockwise(q, kv, indices, *, softmax_scale, v_dim, rows_per_step=1, layer=None):
     """jnp forward, `rows_per_step` query rows per lax.map step.
 
     q [B, T, H, Dk], kv [B, L, Dk] or a compact.CompactKV, indices [B, T, K] int32 (-1 = none)
     -> (out f32 [B, T, H, v_dim], lse f32 [B, T, H]; -inf / zeros for empty rows).
+    layer: None, or an int32 scalar with kv stacked [n, B, L, Dk] (compact: [n, B, L, ...]):
+    rows of kv[layer] are read from the stacked cache flattened to [n * B * L, Dk].
     """
     B, T, H, Dk = q.shape
     K = indices.shape[-1]
@@ -103,7 +105,9 @@ def sparse_mla_blockwise(q, kv, indices, *, softmax_scale, v_dim, rows_per_step=
     i2 = jnp.pad(indices.reshape(R, K).astype(jnp.int32), ((0, Rp - R), (0, 0)),
                  constant_values=-1)
     b2 = jnp.minimum(jnp.arange(Rp, dtype=jnp.int32) // T, B - 1)
-    L = kv.shape[1]
+    L = kv.shape[-2]
+    if layer is not None:
+        b2 = b2 + layer * B                # row block of (layer, b) in the [n * B * L] flattening
 
     def step(x):
         qc, ic, bc = x                    # [r, H, Dk], [r, K], [r]

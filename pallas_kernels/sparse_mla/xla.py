@@ -22,10 +22,12 @@ from pallas_kernels.sparse_mla import compact
 GATHER_BUDGET = 256 << 20
 
 
-def sparse_mla_rows(q, kv, indices, *, softmax_scale, v_dim, query_chunk=None):
+def sparse_mla_rows(q, kv, indices, *, softmax_scale, v_dim, query_chunk=None, layer=None):
     """(out f32 [B, T, H, v_dim], lse f32 [B, T, H]; zeros / -inf for rows with no valid index).
 
     query_chunk: queries per step (None: as many as keep the gathered rows within GATHER_BUDGET).
+    layer: None, or an int32 scalar with kv stacked [n, B, L, Dk] (compact: [n, B, L, ...]):
+    the rows of kv[layer] are gathered from the stacked arrays with index (layer, b, idx).
     """
     B, T, H, Dk = q.shape
     K = indices.shape[-1]
@@ -38,7 +40,7 @@ def sparse_mla_rows(q, kv, indices, *, softmax_scale, v_dim, query_chunk=None):
 
     def chunk(qc, ic):                 # [B, tc, H, Dk], [B, tc, K]
         valid = ic >= 0
-        rows = compact.gather(kv, jnp.where(valid, ic, 0))                   # [B, tc, K, Dk]
+        rows = compact.gather(kv, jnp.where(valid, ic, 0), layer)            # [B, tc, K, Dk]
         s = jnp.einsum("bthd,btkd->bthk", qc.astype(cd), rows,
                        preferred_element_type=jnp.float32) * softmax_scale
         s = jnp.where(valid[:, :, None, :], s, -jnp.inf)

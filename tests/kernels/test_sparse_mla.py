@@ -23,12 +23,14 @@ Tolerances:
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.sparse_mla import api, gpu, reference, tpu
+from pallas_kernels.sparse_mla.compact import CompactKV
 from pallas_kernels.sparse_mla.vjp import sparse_mla_blockwise, sparse_mla_bwd
 
 SCALE = 0.13523378  # DeepSeek-V3.2 softmax scale
@@ -309,3 +311,155 @@ def test_tpu_kernels_lower_for_tpu(fn, B, T, dtype):
 def test_gpu_kernels_lower_for_cuda_triton(fn, B, T, dtype):
     text = _lower(fn, "cuda", B, T, dtype)
     assert "__gpu$xla.gpu.triton" in text        # the Triton custom call (not Mosaic GPU)
+
+
+# ----------------------------------------------------------------------------- stacked caches
+# The model scans its decoder layers over caches stacked per layer, [n, B, L, Dk]; with `layer`
+# the op reads layer `layer` of the stack directly. Every path must give exactly (bit for bit)
+# what it gives on the sliced cache kv[layer]: the same rows are gathered and the arithmetic after
+# the gather is unchanged.
+
+# name -> (impl, backend, variant, options): every path of the op, tiny blocks
+LAYER_CASES = {
+    "reference": ("reference", None, "auto", dict(query_chunk=2)),       # chunked over T (lax.map)
+    "xla_cpu": ("xla", None, "auto", dict(rows_per_step=3)),
+    "xla_tpu": ("xla", "tpu", "auto", {}),
+    "xla_gpu": ("xla", "gpu", "auto", {}),
+    "tpu_prefill": ("interpret", "tpu", "prefill", dict(block_q=3, block_k=128)),
+    "tpu_decode": ("interpret", "tpu", "decode", dict(block_b=2, block_k=128)),
+    "gpu_prefill": ("interpret", "gpu", "prefill", dict(block_h=8, block_k=16)),
+    "gpu_decode": ("interpret", "gpu", "decode", dict(block_h=8, block_k=16, num_splits=2)),
+}
+# n layers, batch 2, T = 4 < K = 20, L = 37 (no block multiple; prime, so no array of the op but a
+# layer's cache has B * L rows), Dk = 128 + 64 (the GPU kernels want power-of-two halves)
+N_LAYERS, LB, LT, LH, LL, LK, LDV, LDK = 3, 2, 4, 8, 37, 20, 128, 192
+
+
+def _stacked_inputs(seed, dtype=jnp.bfloat16):
+    """q, a stacked cache [n, B, L, Dk] whose layers all differ, indices with -1 anywhere and one
+    query (1, 2) with no valid index."""
+    q, _, idx = _inputs(seed, B=LB, T=LT, H=LH, L=LL, K=LK, dtype=dtype, Dk=LDK)
+    kv = jax.random.normal(jax.random.key(seed + 1000), (N_LAYERS, LB, LL, LDK), jnp.float32).astype(dtype)
+    return q, kv, idx.at[1, 2].set(-1)
+
+
+def _layer_op(case):
+    impl, backend, variant, opts = LAYER_CASES[case]
+    return functools.partial(api.sparse_mla, softmax_scale=SCALE, v_dim=LDV, impl=impl, backend=backend,
+                             variant=variant, **opts)
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_stacked_cache_layer_equals_sliced_cache(case):
+    q, kv, idx = _stacked_inputs(30)
+    op = _layer_op(case)
+    stacked = jax.jit(lambda a, b, c, layer: op(a, b, c, layer=layer))        # traced layer
+    sliced = jax.jit(op)
+    outs = []
+    for layer in range(N_LAYERS):
+        want = np.asarray(sliced(q, kv[layer], idx))
+        got = np.asarray(stacked(q, kv, idx, jnp.int32(layer)))
+        np.testing.assert_array_equal(got, want)
+        assert np.all(got[1, 2] == 0)
+        outs.append(got)
+    assert not np.array_equal(outs[0], outs[2])          # the layers differ: a wrong layer would show
+
+
+def test_stacked_cache_layer_validation():
+    q, kv, idx = _stacked_inputs(31)
+    op = _layer_op("reference")
+    with pytest.raises(ValueError, match=r"layer=1 wants a stacked kv .*\(2, 37, 192\)"):
+        op(q, kv[0], idx, layer=1)
+    with pytest.raises(ValueError, match=r"kv must be one cache .*\(3, 2, 37, 192\).*layer="):
+        op(q, kv, idx)
+    with pytest.raises(ValueError, match="layer=3 is out of range"):
+        op(q, kv, idx, layer=3)
+    with pytest.raises(ValueError, match="layer must be an int"):
+        op(q, kv, idx, layer=jnp.zeros((1,), jnp.int32))
+    with pytest.raises(ValueError, match="batch"):
+        op(q[:1], kv, idx[:1], layer=0)
+    # a Python int layer counts from the end when negative, as kv[layer]
+    np.testing.assert_array_equal(np.asarray(op(q, kv, idx, layer=-1)), np.asarray(op(q, kv[2], idx)))
+
+
+@pytest.mark.parametrize("case", ["reference", "xla_cpu", "xla_gpu"])
+def test_stacked_cache_grad_wrt_q(case):
+    # with `layer` the jnp paths are differentiated by jax directly (no custom_vjp): dq against
+    # jax.grad of the reference on the sliced cache; same f32 tolerance as the custom_vjp tests
+    q, kv, idx = _stacked_inputs(32, dtype=jnp.float32)
+    w = jax.random.normal(jax.random.key(33), (LB, LT, LH, LDV))
+    op = _layer_op(case)
+    g = jax.jit(jax.grad(lambda a, b, layer: jnp.sum(op(a, b, idx, layer=layer) * w)))(q, kv, jnp.int32(1))
+    g_ref = jax.grad(lambda a: jnp.sum(_ref(a, kv[1], idx, v_dim=LDV) * w))(q)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4 * float(jnp.max(jnp.abs(g_ref))), rtol=0)
+    assert np.all(np.asarray(g[1, 2]) == 0)
+
+
+def _layer_sized(jaxpr, widths):
+    """(primitive, shape) of every equation (sub-jaxprs included, pallas_call bodies not) that
+    outputs as many elements as one layer's cache array [B, L, W], with last dim W: a slice, a copy
+    or a flattening of one layer."""
+    found = []
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            for v in eqn.outvars:
+                shape = tuple(getattr(v.aval, "shape", ()))
+                if shape and shape[-1] in widths and int(np.prod(shape)) == LB * LL * shape[-1]:
+                    found.append((eqn.primitive.name, shape))
+            if eqn.primitive.name != "pallas_call":
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("cache", ["dense", "compact"])
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_stacked_cache_is_never_sliced(case, cache):
+    # no [B, L, ...] slice of the layer (nor its dequantised rows) anywhere in the traced op; the
+    # naive kv[layer] (dynamic_slice + squeeze) fails this
+    q, kv, idx = _stacked_inputs(34)
+    if cache == "compact":
+        c = kv.astype(jnp.float32)
+        kv = CompactKV(c[..., :LDV].astype(jnp.float8_e4m3fn), jnp.ones((N_LAYERS, LB, LL, 1), jnp.float32),
+                       c[..., LDV:].astype(jnp.bfloat16))
+        widths = {LDK, LDV, 1, LDK - LDV}
+    else:
+        widths = {LDK}
+    op = _layer_op(case)
+    jx = jax.make_jaxpr(lambda a, b, c, layer: op(a, b, c, layer=layer))(q, kv, idx, jnp.int32(1))
+    assert _layer_sized(jx, widths) == []
+    if case.startswith(("tpu", "gpu")):                  # the kernel gets the whole stack
+        calls = [e for e in jx.jaxpr.eqns if e.primitive.name == "pallas_call"]
+        stack = {tuple(x.shape) for x in jax.tree.leaves(kv)}
+        assert calls and stack <= {tuple(v.aval.shape) for v in calls[0].invars}
+
+
+@pytest.mark.parametrize("platform,marker", [("tpu", "tpu_custom_call"), ("cuda", "__gpu$xla.gpu.triton")])
+def test_stacked_cache_kernels_lower_under_shard_map(platform, marker):
+    # the release's dims; 8 sequences over data=4, heads over tensor=2; the stacked cache split
+    # P(None, data, None, None), the layer a replicated traced scalar P(). Dense prefill and decode,
+    # compact decode. The kernel's operands are the local stack [n, 2, L, ...]: no [2, L, ...] slice.
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+    sds = jax.ShapeDtypeStruct
+    n, B, L, H = 4, 8, REAL["L"], REAL["H"]
+    dense = sds((n, B, L, 576), jnp.bfloat16)
+    comp = CompactKV(sds((n, B, L, 512), jnp.float8_e4m3fn), sds((n, B, L, 4), jnp.float32), sds((n, B, L, 64), jnp.bfloat16))
+    backend = "tpu" if platform == "tpu" else "gpu"
+    for kv, T, variant in ((dense, 16, "prefill"), (dense, 1, "decode"), (comp, 1, "decode")):
+        kv_spec = jax.tree.map(lambda _: P(None, "data", None, None), kv)
+
+        def local(q, kv, idx, layer):
+            return api.sparse_mla(q, kv, idx, softmax_scale=SCALE, v_dim=512, impl="pallas", backend=backend,
+                                  variant=variant, layer=layer)
+
+        f = jax.jit(jax.shard_map(local, mesh=mesh, check_vma=False, out_specs=P("data", None, "tensor", None),
+                                  in_specs=(P("data", None, "tensor", None), kv_spec, P("data", None, None), P())))
+        text = f.trace(sds((B, T, H, 576), jnp.bfloat16), kv, sds((B, T, REAL["K"]), jnp.int32),
+                       sds((), jnp.int32)).lower(lowering_platforms=(platform,)).as_text()
+        assert marker in text and "sdy.manual_computation" in text, (variant, T)
+        assert f"tensor<{n}x2x{L}x" in text and f"tensor<2x{L}x" not in text, (variant, T)
