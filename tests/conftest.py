@@ -32,3 +32,18 @@ def tok(tok_dir):
     from dsv32_jax.generate.tokenizer import load_tokenizer
 
     return load_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """After each test module: drop jax's caches of traced and compiled programs and collect
+    garbage. A full run compiles hundreds of programs (tiny models on 8 host devices); kept for
+    the whole session they grow the process by gigabytes, and a later compile then runs with
+    little memory left. Programs shared within a module stay cached."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
