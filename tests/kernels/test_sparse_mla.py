@@ -352,7 +352,7 @@ def _layer_op(case):
                              variant=variant, **opts)
 
 
-def stacked_vs_sliced(op, q, kv, idx):
+def _stacked_vs_sliced(op, q, kv, idx):
     """(op on the stacked cache at every layer, the layer a traced scalar as in the model's scan
     over layers; op on each sliced cache kv[layer]), both [n, B, T, H, Dv], from one jit."""
     n = jax.tree.leaves(kv)[0].shape[0]
@@ -367,7 +367,7 @@ def stacked_vs_sliced(op, q, kv, idx):
 @pytest.mark.parametrize("case", list(LAYER_CASES))
 def test_stacked_cache_layer_equals_sliced_cache(case):
     q, kv, idx = _stacked_inputs(30)
-    got, want = stacked_vs_sliced(_layer_op(case), q, kv, idx)
+    got, want = _stacked_vs_sliced(_layer_op(case), q, kv, idx)
     np.testing.assert_array_equal(got, want)
     assert np.all(got[:, 1, 2] == 0)
     assert not np.array_equal(got[0], got[2])          # the layers differ: a wrong layer would show
@@ -451,14 +451,16 @@ def test_stacked_cache_is_never_sliced(case, cache):
 def test_stacked_cache_kernels_lower_under_shard_map(platform, marker):
     # the release's dims; 8 sequences over data=4, heads over tensor=2; the stacked cache split
     # P(None, data, None, None), the layer a replicated traced scalar P(). Prefill and decode kernels,
-    # dense and compact caches. The kernel's operands are the local stack [n, 2, L, ...]: no [2, L, ...] slice.
+    # dense and compact caches. The kernel's operands are the local stack [n, 2, L, ...]: no
+    # [2, L, ...] slice.
     from jax.sharding import Mesh, PartitionSpec as P
 
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
     sds = jax.ShapeDtypeStruct
     n, B, L, H = 4, 8, REAL["L"], REAL["H"]
     dense = sds((n, B, L, 576), jnp.bfloat16)
-    comp = CompactKV(sds((n, B, L, 512), jnp.float8_e4m3fn), sds((n, B, L, 4), jnp.float32), sds((n, B, L, 64), jnp.bfloat16))
+    comp = CompactKV(sds((n, B, L, 512), jnp.float8_e4m3fn), sds((n, B, L, 4), jnp.float32),
+                     sds((n, B, L, 64), jnp.bfloat16))
     backend = "tpu" if platform == "tpu" else "gpu"
     for kv, T, variant in ((dense, 16, "prefill"), (dense, 1, "decode"), (comp, 16, "prefill"), (comp, 1, "decode")):
         kv_spec = jax.tree.map(lambda _: P(None, "data", None, None), kv)
