@@ -114,9 +114,10 @@ def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, impl: str = "auto",
     index (layer, b, idx), or (layer * B + b) * L + idx into the stack viewed as rows), the TPU
     kernels take the layer as a scalar-prefetch operand folded into each row DMA's source
     address, the GPU kernels as a one-element int32 operand added to their row pointers.
-    With layer the op is an inference op: no custom_vjp is attached. The reference / xla
-    impls stay differentiable by jax (w.r.t. q, and kv through the gather's transpose); the
-    kernel impls are not differentiable. A traced layer must lie in [0, n) (unchecked).
+    With layer the op is an inference op (caches are never differentiated): no custom_vjp is
+    attached. The reference / xla impls stay differentiable by jax w.r.t. q (jax.grad of their
+    jnp forward); the kernel impls are not differentiable. A traced layer must lie in [0, n)
+    (unchecked).
     """
     if impl not in IMPLS:
         raise ValueError(f"sparse_mla: unknown impl {impl!r}; expected one of {IMPLS}")

@@ -319,12 +319,12 @@ def test_gpu_kernels_lower_for_cuda_triton(fn, B, T, dtype):
 # what it gives on the sliced cache kv[layer]: the same rows are gathered and the arithmetic after
 # the gather is unchanged.
 
-# name -> (impl, backend, variant, options): every path of the op, tiny blocks
+# name -> (impl, backend, variant, options): every path of the op, tiny blocks ("xla" runs one
+# function, xla.sparse_mla_rows, for backend "tpu" and "gpu")
 LAYER_CASES = {
     "reference": ("reference", None, "auto", dict(query_chunk=2)),       # chunked over T (lax.map)
     "xla_cpu": ("xla", None, "auto", dict(rows_per_step=3)),
-    "xla_tpu": ("xla", "tpu", "auto", {}),
-    "xla_gpu": ("xla", "gpu", "auto", {}),
+    "xla_rows": ("xla", "gpu", "auto", {}),
     "tpu_prefill": ("interpret", "tpu", "prefill", dict(block_q=3, block_k=128)),
     "tpu_decode": ("interpret", "tpu", "decode", dict(block_b=2, block_k=128)),
     "gpu_prefill": ("interpret", "gpu", "prefill", dict(block_h=8, block_k=16)),
@@ -336,11 +336,14 @@ N_LAYERS, LB, LT, LH, LL, LK, LDV, LDK = 3, 2, 4, 8, 37, 20, 128, 192
 
 
 def _stacked_inputs(seed, dtype=jnp.bfloat16):
-    """q, a stacked cache [n, B, L, Dk] whose layers all differ, indices with -1 anywhere and one
-    query (1, 2) with no valid index."""
-    q, _, idx = _inputs(seed, B=LB, T=LT, H=LH, L=LL, K=LK, dtype=dtype, Dk=LDK)
-    kv = jax.random.normal(jax.random.key(seed + 1000), (N_LAYERS, LB, LL, LDK), jnp.float32).astype(dtype)
-    return q, kv, idx.at[1, 2].set(-1)
+    """q, a stacked cache [n, B, L, Dk] whose layers all differ, indices with -1 anywhere (20%) and
+    one query (1, 2) with no valid index. Drawn with numpy: no small XLA programs to compile."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((LB, LT, LH, LDK), np.float32).astype(dtype)
+    kv = rng.standard_normal((N_LAYERS, LB, LL, LDK), np.float32).astype(dtype)
+    idx = np.where(rng.random((LB, LT, LK)) < 0.2, -1, rng.integers(0, LL, (LB, LT, LK))).astype(np.int32)
+    idx[1, 2] = -1
+    return jnp.asarray(q), jnp.asarray(kv), jnp.asarray(idx)
 
 
 def _layer_op(case):
@@ -349,20 +352,25 @@ def _layer_op(case):
                              variant=variant, **opts)
 
 
+def _stacked_vs_sliced(op, q, kv, idx):
+    """(op on the stacked cache at every layer, the layer a traced scalar as in the model's scan
+    over layers; op on each sliced cache kv[layer]), both [n, B, T, H, Dv], from one jit."""
+    n = jax.tree.leaves(kv)[0].shape[0]
+
+    def both(a, b, c):
+        stacked = jax.lax.map(lambda layer: op(a, b, c, layer=layer), jnp.arange(n, dtype=jnp.int32))
+        return stacked, jax.lax.map(lambda kv_l: op(a, kv_l, c), b)
+
+    return jax.tree.map(np.asarray, jax.jit(both)(q, kv, idx))
+
+
 @pytest.mark.parametrize("case", list(LAYER_CASES))
 def test_stacked_cache_layer_equals_sliced_cache(case):
     q, kv, idx = _stacked_inputs(30)
-    op = _layer_op(case)
-    stacked = jax.jit(lambda a, b, c, layer: op(a, b, c, layer=layer))        # traced layer
-    sliced = jax.jit(op)
-    outs = []
-    for layer in range(N_LAYERS):
-        want = np.asarray(sliced(q, kv[layer], idx))
-        got = np.asarray(stacked(q, kv, idx, jnp.int32(layer)))
-        np.testing.assert_array_equal(got, want)
-        assert np.all(got[1, 2] == 0)
-        outs.append(got)
-    assert not np.array_equal(outs[0], outs[2])          # the layers differ: a wrong layer would show
+    got, want = _stacked_vs_sliced(_layer_op(case), q, kv, idx)
+    np.testing.assert_array_equal(got, want)
+    assert np.all(got[:, 1, 2] == 0)
+    assert not np.array_equal(got[0], got[2])          # the layers differ: a wrong layer would show
 
 
 def test_stacked_cache_layer_validation():
@@ -379,20 +387,22 @@ def test_stacked_cache_layer_validation():
     with pytest.raises(ValueError, match="batch"):
         op(q[:1], kv, idx[:1], layer=0)
     # a Python int layer counts from the end when negative, as kv[layer]
-    np.testing.assert_array_equal(np.asarray(op(q, kv, idx, layer=-1)), np.asarray(op(q, kv[2], idx)))
+    last = jax.jit(lambda a, b, c: (op(a, b, c, layer=-1), op(a, b[2], c)))(q, kv, idx)
+    np.testing.assert_array_equal(np.asarray(last[0]), np.asarray(last[1]))
 
 
-@pytest.mark.parametrize("case", ["reference", "xla_cpu", "xla_gpu"])
-def test_stacked_cache_grad_wrt_q(case):
-    # with `layer` the jnp paths are differentiated by jax directly (no custom_vjp): dq against
-    # jax.grad of the reference on the sliced cache; same f32 tolerance as the custom_vjp tests
+def test_stacked_cache_grad_wrt_q():
+    # with `layer` no custom_vjp is attached: the jnp paths are differentiated by jax directly. The
+    # CPU "xla" path (whose layer=None form has the custom_vjp): dq against jax.grad of the
+    # reference on the sliced cache; same f32 tolerance as the custom_vjp tests
     q, kv, idx = _stacked_inputs(32, dtype=jnp.float32)
-    w = jax.random.normal(jax.random.key(33), (LB, LT, LH, LDV))
-    op = _layer_op(case)
-    g = jax.jit(jax.grad(lambda a, b, layer: jnp.sum(op(a, b, idx, layer=layer) * w)))(q, kv, jnp.int32(1))
-    g_ref = jax.grad(lambda a: jnp.sum(_ref(a, kv[1], idx, v_dim=LDV) * w))(q)
-    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4 * float(jnp.max(jnp.abs(g_ref))), rtol=0)
-    assert np.all(np.asarray(g[1, 2]) == 0)
+    w = np.random.default_rng(33).standard_normal((LB, LT, LH, LDV), np.float32)
+    op = _layer_op("xla_cpu")
+    g, g_ref = (np.asarray(x) for x in jax.jit(lambda a, b, c, layer: (
+        jax.grad(lambda x: jnp.sum(op(x, b, c, layer=layer) * w))(a),
+        jax.grad(lambda x: jnp.sum(_ref(x, b[1], c, v_dim=LDV) * w))(a)))(q, kv, idx, jnp.int32(1)))
+    np.testing.assert_allclose(g, g_ref, atol=1e-4 * np.abs(g_ref).max(), rtol=0)
+    assert np.all(g[1, 2] == 0)
 
 
 def _layer_sized(jaxpr, widths):
@@ -440,17 +450,19 @@ def test_stacked_cache_is_never_sliced(case, cache):
 @pytest.mark.parametrize("platform,marker", [("tpu", "tpu_custom_call"), ("cuda", "__gpu$xla.gpu.triton")])
 def test_stacked_cache_kernels_lower_under_shard_map(platform, marker):
     # the release's dims; 8 sequences over data=4, heads over tensor=2; the stacked cache split
-    # P(None, data, None, None), the layer a replicated traced scalar P(). Dense prefill and decode,
-    # compact decode. The kernel's operands are the local stack [n, 2, L, ...]: no [2, L, ...] slice.
+    # P(None, data, None, None), the layer a replicated traced scalar P(). Prefill and decode kernels,
+    # dense and compact caches. The kernel's operands are the local stack [n, 2, L, ...]: no
+    # [2, L, ...] slice.
     from jax.sharding import Mesh, PartitionSpec as P
 
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
     sds = jax.ShapeDtypeStruct
     n, B, L, H = 4, 8, REAL["L"], REAL["H"]
     dense = sds((n, B, L, 576), jnp.bfloat16)
-    comp = CompactKV(sds((n, B, L, 512), jnp.float8_e4m3fn), sds((n, B, L, 4), jnp.float32), sds((n, B, L, 64), jnp.bfloat16))
+    comp = CompactKV(sds((n, B, L, 512), jnp.float8_e4m3fn), sds((n, B, L, 4), jnp.float32),
+                     sds((n, B, L, 64), jnp.bfloat16))
     backend = "tpu" if platform == "tpu" else "gpu"
-    for kv, T, variant in ((dense, 16, "prefill"), (dense, 1, "decode"), (comp, 1, "decode")):
+    for kv, T, variant in ((dense, 16, "prefill"), (dense, 1, "decode"), (comp, 16, "prefill"), (comp, 1, "decode")):
         kv_spec = jax.tree.map(lambda _: P(None, "data", None, None), kv)
 
         def local(q, kv, idx, layer):
