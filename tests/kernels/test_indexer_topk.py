@@ -448,12 +448,15 @@ def _walk(jaxpr, fn):
             _walk(sub, fn)
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices (set by tests/conftest.py)")
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-def test_layer_lowering_under_shard_map(platform):
-    """Decode at realistic sizes (Hi=64, D=128, topk=2048, L=8192, FP8 keys + scales, n=4 layers,
-    B=8 split over the 8 host devices) with a traced layer, inside shard_map (check_vma=False): keys
-    P(None, batch, None, None), k_scale P(None, batch, None), layer P(). The jaxpr's pallas_call
-    takes the per-device stack [n, 1, L, D] itself (no [1, L, D] slice anywhere), and it lowers."""
+@pytest.mark.parametrize("fp8", [True, False])
+def test_layer_lowering_under_shard_map(platform, fp8):
+    """Decode at realistic sizes (Hi=64, D=128, topk=2048, L=8192, n=4 layers, FP8 keys + scales or
+    bf16 keys without, B=8 split over the 8 host devices) with a traced layer, inside shard_map
+    (check_vma=False): keys P(None, batch, None, None), k_scale P(None, batch, None), layer P().
+    The jaxpr's pallas_call takes the per-device stack [n, 1, L, D] itself (no [1, L, D] slice
+    anywhere), and it lowers."""
     from jax.sharding import Mesh, PartitionSpec as P
     import jax.extend  # noqa: F401
 
@@ -467,11 +470,13 @@ def test_layer_lowering_under_shard_map(platform):
                                 impl="pallas", backend=backend, layer=layer)
 
     f = jax.shard_map(local, mesh=mesh, check_vma=False,
-                      in_specs=(P(bx), P(None, bx, None, None), P(bx), P(bx), P(None, bx, None), P(bx), P()),
+                      in_specs=(P(bx), P(None, bx, None, None), P(bx), P(bx),
+                                None if not fp8 else P(None, bx, None), P(bx), P()),
                       out_specs=P(bx))
-    args = (jax.ShapeDtypeStruct((B, T, Hi, D), F8), jax.ShapeDtypeStruct((n, B, L, D), F8),
+    kd = F8 if fp8 else jnp.bfloat16
+    args = (jax.ShapeDtypeStruct((B, T, Hi, D), kd), jax.ShapeDtypeStruct((n, B, L, D), kd),
             jax.ShapeDtypeStruct((B, T, Hi), jnp.float32), jax.ShapeDtypeStruct((B, T), jnp.int32),
-            jax.ShapeDtypeStruct((n, B, L), jnp.float32), jax.ShapeDtypeStruct((B,), jnp.int32),
+            jax.ShapeDtypeStruct((n, B, L), jnp.float32) if fp8 else None, jax.ShapeDtypeStruct((B,), jnp.int32),
             jax.ShapeDtypeStruct((), jnp.int32))
     traced = jax.jit(f).trace(*args)
     calls, shapes = [], set()
