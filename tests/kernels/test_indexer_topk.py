@@ -11,10 +11,12 @@ swap places at the k-th slot.  See ``_check`` for the rules and the tolerance.
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels.indexer_topk import api, gpu, reference, tpu
 
@@ -457,9 +459,6 @@ def test_layer_lowering_under_shard_map(platform, fp8):
     (check_vma=False): keys P(None, batch, None, None), k_scale P(None, batch, None), layer P().
     The jaxpr's pallas_call takes the per-device stack [n, 1, L, D] itself (no [1, L, D] slice
     anywhere), and it lowers."""
-    from jax.sharding import Mesh, PartitionSpec as P
-    import jax.extend  # noqa: F401
-
     n, B, T, Hi, D, L = 4, 8, 1, 64, 128, 8192
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "expert"))
     bx = ("data", "expert")
