@@ -135,7 +135,8 @@ def indexer_scores(q, k, weights, *, q_positions, k_scale=None, kv_lengths=None,
         else:
             scores = chunked_scores(score, _one_layer(k, layer), jnp.zeros((), jnp.int32), KEY_CHUNK,
                                     bits=True)
-    else:   # decode: the layer slice fuses into the float32 conversion (no copy of its own)
+    else:   # decode: a bf16 / fp8 layer slice fuses into the float32 conversion (no copy of its
+        # own); float32 keys are copied once for XLA:CPU's matmul
         scores = score(key_block(k, layer, 0, n))
     if k_scale is not None:
         ks = jax.lax.dynamic_index_in_dim(k_scale, layer, 0, keepdims=False)

@@ -6,7 +6,9 @@ indexer does: q . k with float32 accumulation on operands in their storage preci
 keys/queries are widened to bfloat16, which holds every e4m3 value exactly, so the products are
 those of an FP8 MMA), then relu, the float32 head weights and the sum over heads in float32.
 Prefill-sized calls score the keys in chunks, bounding the [B, T, Hi, chunk] logits; each chunk
-is a dynamic slice of the (possibly layer-stacked) keys, so the keys are never copied whole.
+is a dynamic slice of the (possibly layer-stacked) keys, which TPU / GPU read in place. (XLA:CPU,
+which runs this form in tests only, widens a bf16 / fp8 slice's whole operand to float32: the
+CPU path, reference.py, avoids that.)
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def indexer_scores(q, k, weights, *, q_positions, k_scale=None, kv_lengths=None,
     or None (keys below it are invisible). key_chunk: keys per step (None: as many as keep the
     logits within LOGITS_BUDGET). layer: None, or an int / int32 scalar: then k is
     [n, B, L, D] and k_scale [n, B, L], and layer `layer`'s keys are scored, sliced per key chunk
-    from the stacked array (never copied as a whole).
+    from the stacked array.
     """
     k, k_scale, layer = stack_layer(k, k_scale, layer)
     B, T, Hi, D = q.shape

@@ -11,10 +11,12 @@ swap places at the k-th slot.  See ``_check`` for the rules and the tolerance.
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import Mesh, PartitionSpec as P
 
 from pallas_kernels.indexer_topk import api, gpu, reference, tpu
 
@@ -332,3 +334,160 @@ def test_gpu_lowering_realistic(B, T, fp8, segments):
         lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
     assert "mosaic_gpu" not in text
+
+
+# ------------------------------------------------------------------ layer-stacked keys
+# The model keeps one cache per scanned stack of layers, k [n, B, L, D]; with `layer` the op
+# must score k[layer] (identical indices: the same code runs on the stacked and the sliced keys)
+# without copying that layer out first.
+LAYER_IMPLS = [("reference", None), ("xla", None), ("xla", "tpu"), ("xla", "gpu"),
+               ("interpret", "tpu"), ("interpret", "gpu")]
+
+
+def _stacked(seed, *, n, B, T, Hi, D, L, fp8):
+    """n layers of different random keys: q [B,T,Hi,D], k [n,B,L,D], w [B,T,Hi], k_scale [n,B,L] | None."""
+    kd = F8 if fp8 else jnp.bfloat16
+    q, _, w, _ = _make(seed, B=B, T=T, Hi=Hi, D=D, L=L, q_dtype=kd, k_dtype=kd)
+    ks = [_make(seed + 1 + i, B=B, T=1, Hi=1, D=D, L=L, k_dtype=kd) for i in range(n)]
+    k = jnp.stack([x[1] for x in ks])
+    k_scale = jnp.stack([x[3] for x in ks]) if fp8 else None
+    return q, k, w, k_scale
+
+
+def _layer_case(impl, backend, fp8):
+    """Inputs and options of test_layer_of_stacked_keys_equals_sliced (see there)."""
+    n, B, T, Hi, D, L, topk = 3, 2, 2, 8, (32 if fp8 else 24), (200 if fp8 else 100), 16
+    q, k, w, ks = _stacked(11, n=n, B=B, T=T, Hi=Hi, D=D, L=L, fp8=fp8)
+    if fp8:
+        pos = jnp.array([[150, 199], [8, 9]], jnp.int32)
+        kw = {"kv_lengths": jnp.array([200, 10], jnp.int32), "q_starts": jnp.array([[0, 70], [0, 0]], jnp.int32)}
+    else:
+        pos = jnp.array([[60, 99], [40, 41]], jnp.int32)
+        kw = {"q_starts": jnp.array([[0, 50], [30, 30]], jnp.int32)}
+    if impl == "xla" and backend is not None:
+        kw["key_chunk"] = 128 if L > 128 else 64            # several chunks, the last overlapping
+    return q, k, w, ks, dict(topk=topk, q_positions=pos, impl=impl, backend=backend, **kw)
+
+
+# The kernels in interpret mode cost ~5-9 s of compilation per call shape on CPU: they run the
+# FP8 case only (their layer-independent branches are covered by the tests above).
+@pytest.mark.parametrize("impl,backend,fp8", [(i, b, f) for i, b in LAYER_IMPLS for f in (True, False)
+                                              if i != "interpret" or f])
+def test_layer_of_stacked_keys_equals_sliced(impl, backend, fp8):
+    """A traced layer index into n = 3 stacked key layers (different contents) under jax.jit gives
+    exactly the indices of the same op on k[layer] (k_scale[layer]) for layers 1 and 2, batch 2.
+    fp8: FP8 keys with k_scale, ragged kv_lengths (row 1's queries see 9 and 10 < topk keys: -1 slots),
+    q_starts, L = 200 (not a multiple of the 128-key tile). bf16: no k_scale, packed-segment
+    q_starts, L = 100, D = 24. The xla accelerator form runs key chunks (the last overlapping)."""
+    q, k, w, ks, opts = _layer_case(impl, backend, fp8)
+    stacked = jax.jit(lambda k, ks, layer: api.indexer_topk(q, k, w, k_scale=ks, layer=layer, **opts))
+    sliced = jax.jit(lambda k, ks: api.indexer_topk(q, k, w, k_scale=ks, **opts))
+    outs = []
+    for layer in (1, 2):
+        got = np.asarray(stacked(k, ks, jnp.int32(layer)))
+        want = np.asarray(sliced(k[layer], None if ks is None else ks[layer]))
+        np.testing.assert_array_equal(got, want)
+        outs.append(got)
+    # the layers' selections differ, so ignoring `layer` (layer 0) or an off-by-one fails above
+    assert not np.array_equal(outs[0], outs[1])
+    if fp8:
+        row = outs[0][1]                                 # 9 and 10 visible keys < topk: -1 slots
+        assert np.all(row[0, 9:] == -1) and np.all(row[0, :9] >= 0)
+        assert np.all(row[1, 10:] == -1) and np.all(row[1, :10] >= 0)
+    # and the selection is the plain-jnp reference's on that layer (random scores, no near-ties)
+    ref = reference.indexer_topk(q, k[2], w, k_scale=None if ks is None else ks[2], topk=opts["topk"],
+                                 q_positions=opts["q_positions"], kv_lengths=opts.get("kv_lengths"),
+                                 q_starts=opts.get("q_starts"))
+    np.testing.assert_array_equal(np.sort(outs[1], -1), np.sort(np.asarray(ref), -1))
+
+
+def test_layer_reference_key_chunks():
+    """The reference's key-chunk form (L > 2 * KEY_CHUNK, T >= 16) on stacked keys: bf16 keys (the
+    layer copied once through the integer view) and float32 keys (sliced per chunk from the
+    stack), L = 2100 (the last chunk overlaps): the same scores as on k[layer], and the scores of
+    the first and last query equal the unchunked form's (T = 1 calls; per-key sums do not depend
+    on the chunking, up to the matmul's blocking: 1e-6 relative)."""
+    n, B, T, Hi, D, L = 3, 1, 16, 2, 16, 2100
+    assert L > 2 * reference.KEY_CHUNK
+    q, k, w, _ = _stacked(21, n=n, B=B, T=T, Hi=Hi, D=D, L=L, fp8=False)
+    pos = jnp.broadcast_to(jnp.arange(L - T, L, dtype=jnp.int32), (B, T))
+    scores = jax.jit(lambda q, kk, w, pos, layer: reference.indexer_scores(q, kk, w, q_positions=pos, layer=layer))
+    for kd in (jnp.bfloat16, jnp.float32):
+        kk = k.astype(kd)
+        got = np.asarray(scores(q, kk, w, pos, jnp.int32(1)))
+        np.testing.assert_array_equal(got, np.asarray(scores(q, kk[1], w, pos, None)))
+        one = np.asarray(scores(q[:, ::T - 1].reshape(2, 1, Hi, D), jnp.concatenate([kk[1]] * 2),
+                                w[:, ::T - 1].reshape(2, 1, Hi), pos[:, ::T - 1].reshape(2, 1), None))
+        np.testing.assert_allclose(got[:, ::T - 1], one.reshape(1, 2, L), rtol=1e-6, atol=1e-6)
+
+
+def test_layer_validation():
+    """Keys and `layer` that disagree are a ValueError naming layer / k and the shapes."""
+    q, k, w, ks = _stacked(31, n=2, B=1, T=1, Hi=8, D=16, L=40, fp8=True)
+    pos = jnp.array([[39]], jnp.int32)
+    call = lambda k, ks=None, layer=None: api.indexer_topk(q, k, w, topk=8, q_positions=pos, k_scale=ks,
+                                                           layer=layer)
+    with pytest.raises(ValueError, match=r"layer=1 needs k stacked.*\(1, 40, 16\)"):
+        call(k[0], ks[0], 1)
+    with pytest.raises(ValueError, match=r"k has shape \(2, 1, 40, 16\).*layer is None"):
+        call(k, ks)
+    with pytest.raises(ValueError, match=r"k_scale of shape \(1, 40\).*\(2, 1, 40\)"):
+        call(k, ks[0], 0)
+    with pytest.raises(ValueError, match=r"layer=2 out of range"):
+        call(k, ks, 2)
+    with pytest.raises(ValueError, match=r"layer must be a scalar"):
+        call(k, ks, jnp.array([0], jnp.int32))
+    with pytest.raises(ValueError, match=r"layer must be an int"):
+        call(k, ks, 0.0)
+    f = jax.jit(lambda k, ks, layer: api.indexer_topk(q, k, w, topk=8, q_positions=pos, k_scale=ks, layer=layer))
+    np.testing.assert_array_equal(np.asarray(f(k, ks, 1)), np.asarray(f(k[1], ks[1], None)))
+
+
+def _walk(jaxpr, fn):
+    for eqn in jaxpr.eqns:
+        fn(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _walk(sub, fn)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 host devices (set by tests/conftest.py)")
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("fp8", [True, False])
+def test_layer_lowering_under_shard_map(platform, fp8):
+    """Decode at realistic sizes (Hi=64, D=128, topk=2048, L=8192, n=4 layers, FP8 keys + scales or
+    bf16 keys without, B=8 split over the 8 host devices) with a traced layer, inside shard_map
+    (check_vma=False): keys P(None, batch, None, None), k_scale P(None, batch, None), layer P().
+    The jaxpr's pallas_call takes the per-device stack [n, 1, L, D] itself (no [1, L, D] slice
+    anywhere), and it lowers."""
+    n, B, T, Hi, D, L = 4, 8, 1, 64, 128, 8192
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "expert"))
+    bx = ("data", "expert")
+    backend = "tpu" if platform == "tpu" else "gpu"
+
+    def local(q, k, w, pos, ks, kvl, layer):
+        return api.indexer_topk(q, k, w, topk=2048, q_positions=pos, k_scale=ks, kv_lengths=kvl,
+                                impl="pallas", backend=backend, layer=layer)
+
+    f = jax.shard_map(local, mesh=mesh, check_vma=False,
+                      in_specs=(P(bx), P(None, bx, None, None), P(bx), P(bx),
+                                None if not fp8 else P(None, bx, None), P(bx), P()),
+                      out_specs=P(bx))
+    kd = F8 if fp8 else jnp.bfloat16
+    args = (jax.ShapeDtypeStruct((B, T, Hi, D), kd), jax.ShapeDtypeStruct((n, B, L, D), kd),
+            jax.ShapeDtypeStruct((B, T, Hi), jnp.float32), jax.ShapeDtypeStruct((B, T), jnp.int32),
+            jax.ShapeDtypeStruct((n, B, L), jnp.float32) if fp8 else None, jax.ShapeDtypeStruct((B,), jnp.int32),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    traced = jax.jit(f).trace(*args)
+    calls, shapes = [], set()
+
+    def visit(eqn):
+        shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        if eqn.primitive.name == "pallas_call":
+            calls.append([tuple(v.aval.shape) for v in eqn.invars])
+
+    _walk(traced.jaxpr.jaxpr, visit)
+    assert calls and any((n, 1, L, D) in c for c in calls), calls
+    assert not shapes & {(1, L, D), (1, 1, L, D), (L, D)}, shapes & {(1, L, D), (1, 1, L, D), (L, D)}
+    text = traced.lower(lowering_platforms=(platform,)).as_text()
+    assert ("tpu_custom_call" if platform == "tpu" else "triton") in text
+    assert "sdy.manual_computation" in text
