@@ -14,7 +14,7 @@
     does not depend on their values) and the step decodes the token at position context - 1.
     Times are the best of --reps runs after a warm-up, the two variants run alternately.
 
-    python benchmarks/generate.py [--contexts 1024,8192,32768] [--dtype bfloat16] [--skip-hf]
+    python benchmarks/generate.py [--contexts 1024,8192,32768] [--dtype bfloat16] [--skip-hf] [--skip-dsa]
 """
 from __future__ import annotations
 
@@ -177,7 +177,8 @@ def main(argv=None):
                    help="comma-separated batches of the transformers comparison (default 1,4,16)")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-hf", action="store_true", help="skip (a)")
+    p.add_argument("--skip-dsa", action="store_true", help="skip (b)")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     out = {"device": f"{jax.default_backend()} x{jax.device_count()} ({platform.machine()})",
@@ -186,9 +187,10 @@ def main(argv=None):
         out["vs_transformers"] = [bench_vs_transformers(int(b), 32, args.new_tokens, args.reps)
                                   for b in args.batch.split(",")]
         print(json.dumps(out["vs_transformers"]), file=sys.stderr, flush=True)
-    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-    out["dsa_vs_dense"] = bench_dsa_vs_dense([int(c) for c in args.contexts.split(",")], dtype,
-                                             args.numerics, args.reps, batch=args.dsa_batch)
+    if not args.skip_dsa:
+        dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        out["dsa_vs_dense"] = bench_dsa_vs_dense([int(c) for c in args.contexts.split(",")], dtype,
+                                                 args.numerics, args.reps, batch=args.dsa_batch)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=2))
 
