@@ -2,10 +2,13 @@
 
 (a) "vs_transformers": decode tokens/s of our engine vs transformers' `generate` on the same tiny
     random checkpoint (float32, exact numerics, greedy, same batch and prompt length), one row
-    per batch (--batch 1,4,16). On XLA:CPU `ragged_dot` computes every expert group densely,
-    so our MoE cost grows with the batch and the ratio falls as the batch grows. Decode
-    rate = B * (N - 1) / (time(N new tokens) - time(1 new token)), i.e. prefill and the first
-    token excluded; ours is measured after compilation.
+    per batch (--batch 1,4,16). On CPU our routed experts run as three plain matmuls over
+    all 16 experts at these batches (dsv32_jax.moe.dense_routed), the tiled grouped matmul
+    for longer inputs (prefill). Decode rate = B * (N - 1) / (time(N new tokens) -
+    time(1 new token)), i.e. prefill and the first token excluded; ours is measured after
+    compilation. transformers' generate slows down far more than our engine when other
+    processes load the CPU (on a 2-core machine running other jobs the batch-1 ratio
+    came out at 260x against ~14x idle), so the ratio is only meaningful on an idle machine.
 (b) "dsa_vs_dense": our jitted decode step (one token per row, logits included) of a 2-layer
     model with the release's attention dims (128 heads, 576-wide latent cache with 512-d latent,
     64 indexer heads x 128, index_topk 2048) and a few small experts, at contexts 1K/8K/32K,
