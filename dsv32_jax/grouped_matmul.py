@@ -34,6 +34,12 @@ def _tile_rows(m: int, g: int) -> int:
     return t
 
 
+def tiled_shape(m: int, g: int, tile: int | None = None) -> tuple[int, int]:
+    """(scan steps, rows per step) of the "tiles" form for M sorted rows over G groups."""
+    t = tile or _tile_rows(m, g)
+    return -(-m // t) + g - 1, t
+
+
 def grouped_matmul(x, w, group_sizes, *, impl: str = "auto", tile: int | None = None):
     """x [M, K] (sorted by group), w [G, K, N], group_sizes int32 [G] -> float32 [M, N].
 
@@ -53,7 +59,7 @@ def _ragged(x, w, group_sizes):
 def _tiles(x, w, group_sizes, tile):
     m, k = x.shape
     g, _, n = w.shape
-    t = tile or _tile_rows(m, g)
+    n_pairs, t = tiled_shape(m, g, tile)
     n_tiles = -(-m // t)
     xp = jnp.pad(x, ((0, n_tiles * t - m), (0, 0)))
     sizes = group_sizes.astype(jnp.int32)
@@ -64,7 +70,6 @@ def _tiles(x, w, group_sizes, tile):
     last = jnp.minimum(row_group[t - 1::t], g - 1)
     count = jnp.where(first < g, last - first + 1, 0)
     pair_end = jnp.cumsum(count)
-    n_pairs = n_tiles + g - 1
     pid = jnp.arange(n_pairs, dtype=jnp.int32)
     pair_tile = jnp.minimum(jnp.searchsorted(pair_end, pid, side="right"), n_tiles - 1)
     pair_group = first[pair_tile] + pid - (pair_end - count)[pair_tile]

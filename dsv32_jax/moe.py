@@ -7,7 +7,9 @@ keep topk_group groups, pick num_experts_per_tok experts among them by biased sc
 routed_scaling_factor. The shared expert(s) are added unweighted.
 
 Routed experts run as grouped matmuls (`grouped_matmul`: ragged_dot on TPU/GPU, a tiled scan
-whose cost follows the routed rows on CPU) over tokens sorted by expert;
+whose cost follows the routed rows on CPU) over tokens sorted by expert; on CPU, when every
+token through every expert costs little more than the tiled scan (decode batches of a model
+with few experts), as three plain matmuls instead (`dense_routed`: no scan, no sort);
 FP8 experts through `fp8_ragged_dot` (FP8 tiles, never a dequantised copy of the stack). Each
 expert's output is rounded to the compute dtype before the float32 weighted sum, as the
 official experts' bf16 Linear outputs are (a no-op for float32 models). With a mesh whose
@@ -25,7 +27,7 @@ from flax import nnx
 from dsv32_jax.config import ModelConfig
 from dsv32_jax.expert_parallel import EXCHANGES, GroupedFFN, expert_parallel_experts
 from dsv32_jax.fp8_matmul import fp8_ragged_dot
-from dsv32_jax.grouped_matmul import grouped_matmul
+from dsv32_jax.grouped_matmul import grouped_matmul, tiled_shape
 from dsv32_jax.layers import Linear, param
 from dsv32_jax.numerics import dequant_blocks
 
@@ -129,7 +131,47 @@ class Experts(nnx.Module):
     def __call__(self, x, weights, experts):
         """x [N, D], weights/experts [N, k] -> [N, D] (float32 combine)."""
         g = self.grouped()
+        n, k = experts.shape
+        e, d, i = self.gate.shape
+        if self.fp8_block is None and dense_is_cheaper(n, k, e, d, i):
+            return jax.lax.platform_dependent(g.operands, x, weights, experts, cpu=dense_routed,
+                                              default=lambda *a: combine_local(g.fn, *a))
         return combine_local(g.fn, g.operands, x, weights, experts)
+
+
+# XLA:CPU spends a few microseconds on each step of the tiled scan (slice, matmul, mask,
+# update) whatever its size: counted as this many FLOPs of matmul work per step. Measured on
+# the tiny test model (D 64, I 32, E 16, k 4) against D 1024, I 512: dense wins at N = 16 and
+# 64 tokens there (0.12 vs 0.22 ms, 0.27 vs 0.34 ms a layer), loses from N = 128 and at every N
+# of the wider experts (87 vs 29 ms at N = 16).
+SCAN_STEP_FLOPS = 100_000
+
+
+def dense_is_cheaper(n: int, k: int, e: int, d: int, i: int) -> bool:
+    """Whether `dense_routed` (N x E expert rows) beats the tiled grouped matmul on CPU for N
+    tokens with k of E experts each (D model dim, I expert width): its extra rows over the
+    scan's (tiles + E - 1) x tile cost less than the scan's three loops' step overhead."""
+    pairs, tile = tiled_shape(n * k, e)
+    extra_flops = (n * e - pairs * tile) * 6 * d * i
+    return extra_flops <= 3 * pairs * SCAN_STEP_FLOPS
+
+
+def dense_routed(ops, x, weights, experts):
+    """Every token through every expert, then each token's k outputs combined as in
+    `combine_local`: x [N, D], weights/experts [N, k] -> float32 [N, D].
+
+    Three matmuls over the stacked weights (gate/up [E, D, I], down [E, I, D]) with the
+    numerics of `Experts.ffn` (float32 accumulation, SwiGLU in float32, each expert's
+    output rounded to x's dtype); the unchosen experts' outputs are computed and dropped."""
+    f32 = jnp.float32
+    with jax.named_scope("dense_experts"):
+        xe = jnp.broadcast_to(x, (ops["gate"].shape[0],) + x.shape)                # [E, N, D]
+        gate = jnp.einsum("end,edi->eni", xe, ops["gate"].astype(x.dtype), preferred_element_type=f32)
+        up = jnp.einsum("end,edi->eni", xe, ops["up"].astype(x.dtype), preferred_element_type=f32)
+        hdn = (jax.nn.silu(gate) * up).astype(x.dtype)                          # [E, N, I]
+        y = jnp.einsum("eni,eid->ned", hdn, ops["down"].astype(x.dtype), preferred_element_type=f32)
+        y = jnp.take_along_axis(y.astype(x.dtype), experts[:, :, None], axis=1)     # [N, k, D]
+        return jnp.einsum("nkd,nk->nd", y.astype(f32), weights.astype(f32))
 
 
 def combine_local(fn, ops, x, weights, experts):

@@ -67,8 +67,11 @@ def test_wrapping_selects_targets_and_starts_as_identity(tiny_hf):
                               for p in lora_paths)
     assert len(jax.tree.leaves(nnx.state(model, nnx.Param))) == n_params
     fn, st = _logits_fn(model)
-    # B = 0 at init: the adapter path adds exact zeros
-    np.testing.assert_array_equal(np.asarray(fn(st, ids)), np.asarray(before))
+    # B = 0 at init: the adapter path adds exact zeros. On CPU the unwrapped MoE layers run
+    # these few tokens through the dense experts form (moe.dense_routed) while the adapted
+    # experts run the sorted grouped matmul: the same float32 products summed in another
+    # order, so the logits agree to float32 rounding (~1e-7 relative), not bit for bit.
+    np.testing.assert_allclose(np.asarray(fn(st, ids)), np.asarray(before), rtol=1e-5, atol=1e-6)
     # default targets: the five MLA projections of every layer
     m2 = apply_lora(_load(path), LoRAConfig())
     assert sorted({p[-1] for p, _ in adapters(m2)}) == ["kv_a", "kv_b", "o", "q_a", "q_b"]
