@@ -32,3 +32,14 @@ def tok(tok_dir):
     from dsv32_jax.generate.tokenizer import load_tokenizer
 
     return load_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="session")
+def compile_cache_env(tmp_path_factory):
+    """Environment for test subprocesses that start the same program more than once (resume
+    after an interruption, two-process runs): a persistent XLA compilation cache shared by the
+    session's subprocesses, so a later start loads the executables an earlier one compiled
+    instead of compiling them again. Entries are keyed by the computation and the compile
+    options, so a hit runs exactly the executable a fresh compile would have produced."""
+    return dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")

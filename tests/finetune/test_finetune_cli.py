@@ -211,7 +211,8 @@ def _start_and_signal(cmd, env, log, rows, sig):
     return proc.returncode, err
 
 
-def test_cli_ctrl_c_then_kill_then_rerun_gives_identical_adapters(ckpt, data_file, full_run, tmp_path):
+def test_cli_ctrl_c_then_kill_then_rerun_gives_identical_adapters(ckpt, data_file, full_run, tmp_path,
+                                                                   compile_cache_env):
     """A real process: Ctrl-C (SIGINT) saves a checkpoint of the last finished step and exits 130
     (no checkpoint would exist otherwise: --save-every is beyond --steps); the rerun is killed
     with SIGKILL mid-run; the third run finishes. The adapters equal those of an uninterrupted
@@ -224,7 +225,7 @@ def test_cli_ctrl_c_then_kill_then_rerun_gives_identical_adapters(ckpt, data_fil
     out = tmp_path / "interrupted"
     args = _args(ckpt, data_file, out, "--no-merge", "--save-every", "100")
     cmd = [sys.executable, "-m", "dsv32_jax.finetune", *args]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **compile_cache_env)
     log = out / "log.jsonl"
 
     rc, err = _start_and_signal(cmd, env, log, 2, signal.SIGINT)
