@@ -47,3 +47,38 @@ def _release_compiled_programs():
 
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def compile_cache_env(tmp_path_factory):
+    """Environment for test subprocesses that start the same program more than once (resume
+    after an interruption, two-process runs): a persistent XLA compilation cache shared by the
+    session's subprocesses, so a later start loads the executables an earlier one compiled
+    instead of compiling them again. Entries are keyed by the computation and the compile
+    options, so a hit runs exactly the executable a fresh compile would have produced."""
+    return dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+@pytest.fixture(scope="module")
+def shared_compile_cache(tmp_path_factory):
+    """The same persistent compilation cache inside this test process, for a module whose tests
+    build the same training step several times (a run, its interrupted twin, the resumed run):
+    each build still traces and lowers, but an identical computation loads the executable
+    compiled first instead of compiling it again. Switched off again after the module. Yields
+    the environment (as compile_cache_env) that lets the module's subprocesses share the cache."""
+    import jax
+    from jax._src import compilation_cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: getattr(jax.config, n) for n in names}
+    path = str(tmp_path_factory.mktemp("xla_cache_inproc"))
+    for n, v in zip(names, (path, 0.0, 0)):
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()
+    yield dict(JAX_COMPILATION_CACHE_DIR=path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    for n, v in saved.items():
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()

@@ -40,12 +40,18 @@ CONVS = [
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def hf_ckpt(tmp_path_factory):
+    """(torch model, checkpoint dir with the tokenizer) of the CLI's tiny oracle model."""
     from oracle import make_hf_model
 
-    _, path = make_hf_model(tmp_path_factory.mktemp("cli_model"), vocab_size=VOCAB, num_hidden_layers=2)
+    hf, path = make_hf_model(tmp_path_factory.mktemp("cli_model"), vocab_size=VOCAB, num_hidden_layers=2)
     demo_tokenizer_dir(path)
-    return path
+    return hf, path
+
+
+@pytest.fixture(scope="module")
+def ckpt(hf_ckpt):
+    return hf_ckpt[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +102,10 @@ def _args(ckpt, data, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def full_run(ckpt, data_file, tmp_path_factory):
+def full_run(ckpt, data_file, tmp_path_factory, shared_compile_cache):
     """An uninterrupted 8-step run (eval, merged export), in a directory where two starts failed
-    first (bad data, then a mistyped flag): a failed start leaves the directory usable."""
+    first (bad data, then a mistyped flag): a failed start leaves the directory usable. Its
+    executables go to the module's compilation cache, which the later runs load from."""
     d = tmp_path_factory.mktemp("full_run")
     out = d / "a"
     bad = d / "bad.jsonl"
@@ -211,11 +218,13 @@ def _start_and_signal(cmd, env, log, rows, sig):
     return proc.returncode, err
 
 
-def test_cli_ctrl_c_then_kill_then_rerun_gives_identical_adapters(ckpt, data_file, full_run, tmp_path):
+def test_cli_ctrl_c_then_kill_then_rerun_gives_identical_adapters(ckpt, data_file, full_run, tmp_path,
+                                                                   shared_compile_cache):
     """A real process: Ctrl-C (SIGINT) saves a checkpoint of the last finished step and exits 130
     (no checkpoint would exist otherwise: --save-every is beyond --steps); the rerun is killed
     with SIGKILL mid-run; the third run finishes. The adapters equal those of an uninterrupted
-    run bit for bit, and the log holds every step once."""
+    run bit for bit, and the log holds every step once. The three starts share the module's
+    persistent compilation cache: they load the executables the in-process runs compiled."""
     import os
     import signal
 
@@ -224,7 +233,7 @@ def test_cli_ctrl_c_then_kill_then_rerun_gives_identical_adapters(ckpt, data_fil
     out = tmp_path / "interrupted"
     args = _args(ckpt, data_file, out, "--no-merge", "--save-every", "100")
     cmd = [sys.executable, "-m", "dsv32_jax.finetune", *args]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **shared_compile_cache)
     log = out / "log.jsonl"
 
     rc, err = _start_and_signal(cmd, env, log, 2, signal.SIGINT)
@@ -257,15 +266,15 @@ def test_cli_ctrl_c_then_kill_then_rerun_gives_identical_adapters(ckpt, data_fil
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_fp8_conversion_lora_merged_export_with_relative_paths(data_file, tmp_path, monkeypatch):
+def test_fp8_conversion_lora_merged_export_with_relative_paths(hf_ckpt, data_file, tmp_path, monkeypatch):
     """A `--dtype float8` conversion fine-tuned with --fp8-weights exports merged/ (adapters folded
-    into the dequantised weights) and summary.json; every path relative to the working directory."""
-    from oracle import make_hf_model
+    into the dequantised weights) and summary.json; every path relative to the working directory.
+    The release checkpoint is written from the module's oracle model (read only)."""
     from release_fixture import write_release_checkpoint
 
     from convert.writer import convert_weights
 
-    hf, _ = make_hf_model(tmp_path / "hf", vocab_size=VOCAB, num_hidden_layers=2)
+    hf, _ = hf_ckpt
     write_release_checkpoint(hf, tmp_path / "rel", block=(32, 32), num_shards=2)
     demo_tokenizer_dir(tmp_path / "rel")
     monkeypatch.chdir(tmp_path)

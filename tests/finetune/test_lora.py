@@ -22,6 +22,13 @@ B, T = 2, 32          # T well above the tiny model's index_topk (8): attention 
 ALL = ("attn", "mlp", "shared", "experts")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(shared_compile_cache):
+    """Several tests compile the same logits function (the base model, a merged model with the
+    base's structure, a reloaded adapter model): later ones load the first executable."""
+    yield
+
+
 def _load(path, impl="xla"):
     return dsv32_jax.load(path, dtype=jnp.float32, attention_impl=impl, numerics="exact").module
 
