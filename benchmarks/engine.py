@@ -156,10 +156,10 @@ def bench_prefix(module, args):
             "cached_tokens": c1, "speedup": round(cold / warm, 1)}
 
 
-def bench_stall(module, args):
+def _stall(module, args, stall_steps):
     n = args.long_prompt
     eng = ServingEngine(module, max_slots=8, max_len=-(-(n + 256) // 64) * 64, chunk=args.chunk, steps=1,
-                        prefill_budget=args.stall_budget)
+                        prefill_budget=args.stall_budget, stall_steps=stall_steps, chunk_min=args.chunk_min)
     eng.warmup()
     stamps: dict[int, list] = {}
 
@@ -174,18 +174,33 @@ def bench_stall(module, args):
             eng.submit(r)
         for _ in range(8):
             eng.step()                     # streams running
+        long, t0 = None, time.perf_counter()
         if with_long:
-            eng.submit(Request(list(map(int, np.random.RandomState(9).randint(2, 8000, n))), max_tokens=1,
-                               temperature=0.0))
+            long = eng.submit(Request(list(map(int, np.random.RandomState(9).randint(2, 8000, n))), max_tokens=1,
+                                      temperature=0.0, on_token=on_token))
         eng.run_until_idle()
         gaps = np.concatenate([np.diff(stamps[id(r)][8:]) for r in streams])
-        return gaps
+        return gaps, (stamps[id(long)][0] - t0 if long is not None else None)
 
-    base = run(False)
-    loaded = run(True)
-    return {"long_prompt": n, "chunk": args.chunk, "prefill_budget": args.stall_budget, "median_itl_ms": round(1e3 * float(np.median(base)), 2),
-            "p99_itl_with_prefill_ms": round(1e3 * float(np.percentile(loaded, 99)), 2),
-            "p99_over_median": round(float(np.percentile(loaded, 99) / np.median(base)), 2)}
+    base, _ = run(False)
+    loaded, ttft = run(True)
+    res = {"median_itl_ms": round(1e3 * float(np.median(base)), 2),
+           "p99_itl_with_prefill_ms": round(1e3 * float(np.percentile(loaded, 99)), 2),
+           "p99_over_median": round(float(np.percentile(loaded, 99) / np.median(base)), 2),
+           "long_prompt_ttft_s": round(ttft, 2)}
+    if stall_steps is not None:
+        res["warmup_costs_ms"] = {str(k): round(1e3 * v, 1) for k, v in eng.costs.items()}
+    return res
+
+
+def bench_stall(module, args):
+    """(c) side by side: the token budget alone, then with the time bound (--stall-steps)."""
+    out = {"long_prompt": args.long_prompt, "chunk": args.chunk, "prefill_budget": args.stall_budget,
+           "token_budget": _stall(module, args, None)}
+    if args.stall_steps > 0:
+        out["time_bound"] = dict(stall_steps=args.stall_steps, chunk_min=args.chunk_min,
+                                 **_stall(module, args, args.stall_steps))
+    return out
 
 
 def kv_bytes(module):
@@ -222,6 +237,10 @@ def main():
     ap.add_argument("--stall-tokens", type=int, default=48)
     ap.add_argument("--stall-budget", type=int, default=64,
                     help="prompt tokens prefilled per iteration while the streams of (c) run (multiple of 64)")
+    ap.add_argument("--stall-steps", type=float, default=2.0,
+                    help="(c) with the time bound: prefill per iteration within this many decode steps' time "
+                         "(0: measure the token budget alone)")
+    ap.add_argument("--chunk-min", type=int, default=16, help="(c) the smallest prefill bucket of the time bound")
     ap.add_argument("--only", default="throughput,prefix,stall")
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not the targets)")
     ap.add_argument("--kv-cache", choices=("dense", "fp8"), default="dense",

@@ -292,22 +292,18 @@ class ServingEngine:
         return list(reqs)
 
     def warmup(self) -> int:
-        """Compile every device function once (an idle prefill call, an insert, a decode block,
-        a prefix save and load) without changing any slot; returns the compile count."""
+        """Compile every device function once (an idle prefill call per bucket, an insert, a
+        decode block, a prefix save and load) without changing any slot; with stall_steps, then
+        measure their costs (see _measure). Returns the compile count."""
         sm, p = self.sm, self.sm.lanes
-        lane = np.full((p,), -1, np.int32)
-        zeros = np.zeros((p,), np.int32)
-        self.slots, self._h = sm._prefill(sm.state, self.slots, self._lane_array(lane),
-                                          self._lane_array(np.zeros((p, self.chunk), np.int32)),
-                                          self._lane_array(zeros), self._lane_array(zeros), self._h)
+        for c in self.buckets:               # every prefill bucket
+            self._idle_prefill(c)
         free = next(s for lane_free in self._free for s in lane_free)
         res = sm._insert(sm.state, self.slots, jnp.int32(free), self._h, jnp.int32(0), jnp.int32(1), jnp.int32(1),
                          jnp.float32(0), jnp.float32(1), jnp.int32(0), jnp.zeros((2,), jnp.uint32),
                          jnp.zeros((2,), jnp.float32), self.eos)
         self.slots = sm._release(res[0], jnp.int32(free))
         self.slots = sm._decode(sm.state, self.slots, self.eos)[0]
-        for c in self.buckets[1:]:           # the smaller prefill buckets
-            self._idle_prefill(c)
         if self._h_rows is not None:         # the multi-row prefill, and insert reading its rows
             r = p * self.prefill_rows
             self.slots, self._h_rows = sm._prefill(sm.state, self.slots, self._lane_array(np.full((r,), -1, np.int32)),
@@ -356,6 +352,11 @@ class ServingEngine:
             self._idle_prefill(c)
             jax.block_until_ready(self._h)
             self.costs[c] = time.perf_counter() - t0
+        if jax.process_count() > 1:      # process 0's figures everywhere: every process schedules alike
+            from jax.experimental import multihost_utils
+            keys = ["step", *self.buckets]
+            vals = multihost_utils.broadcast_one_to_all(np.asarray([self.costs[k] for k in keys], np.float32))
+            self.costs = {k: float(v) for k, v in zip(keys, np.asarray(vals))}
 
     def compile_count(self) -> int:
         return self.sm.compile_count()
