@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="decode steps per dispatched block")
     p.add_argument("--prefill-budget", type=int, default=None,
                    help="prompt tokens prefilled per iteration, a multiple of 64 (default: one chunk)")
+    p.add_argument("--stall-steps", type=float, default=None,
+                   help="while streams decode, bound an iteration's prefill to this many decode steps' time "
+                        "(measured at start-up; a 16-token prefill bucket is added for long contexts)")
     p.add_argument("--top-logprobs", type=int, default=5, help="most top_logprobs a request may ask for")
     p.add_argument("--api-key", default=os.environ.get("DSV32_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $DSV32_API_KEY, else none)")
@@ -62,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_len % 64:
         p.error(f"--max-len must be a multiple of 64, got {args.max_len}")
+    if args.stall_steps is not None and not args.stall_steps > 0:
+        p.error(f"--stall-steps must be > 0, got {args.stall_steps}")
     return args
 
 
@@ -82,7 +87,7 @@ def build(args, ckpt: str):
     defaults = sampling_defaults(ckpt)
     logging.info("loaded %s (%s) in %.1fs", ckpt, dtype, time.perf_counter() - t0)
     engine = ServingEngine(model, max_slots=args.max_slots, max_len=args.max_len, chunk=min(args.chunk, args.max_len),
-                           steps=args.steps, prefill_budget=args.prefill_budget,
+                           steps=args.steps, prefill_budget=args.prefill_budget, stall_steps=args.stall_steps,
                            prefix_blocks=args.prefix_blocks, max_queue=args.max_queue,
                            top_logprobs=args.top_logprobs, eos_ids=eos, tokenizer=tok)
     cfg = ServerConfig(served=list(args.served_model_name), max_len=args.max_len,

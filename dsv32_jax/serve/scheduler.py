@@ -13,9 +13,15 @@ One iteration (`step()`):
      then the previous block's tokens are read and handed out (stop strings, cancellation
      and streaming are handled one block late, while the device works on the next).
 Running streams therefore keep producing a block of tokens per iteration while a long prompt
-is read `prefill_budget` tokens at a time.
+is read `prefill_budget` tokens at a time. With `stall_steps` the prefill of an iteration in
+which streams decode is also bounded in time: warm-up measures a decode step and each prefill
+bucket (their cost follows max_len, not the prompt's progress: the shapes are fixed), and an
+iteration runs only the pieces whose measured cost fits in `stall_steps` decode steps, with a
+third, smaller bucket (`chunk_min` tokens) for long contexts where a 64-token piece alone is
+dearer than that; at least one smallest piece runs per iteration, so a long prompt always
+progresses.
 
-Shapes are fixed (max_slots, max_len, chunk and the 64-token bucket, steps), so the device
+Shapes are fixed (max_slots, max_len, chunk and the 64-token bucket (and chunk_min), steps), so the device
 functions compile once, at `warmup()`; `compile_count()` tells how many compilations happened.
 """
 from __future__ import annotations
@@ -27,6 +33,7 @@ import json
 import math
 import os
 import threading
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -150,13 +157,16 @@ class ServingEngine:
     runs or the budget holds that many chunks — on CPU a prefill call's fixed cost (reading
     and converting every expert's weights) is shared; 1 = one prompt per lane; max_queue: waiting requests beyond which submit() refuses;
     top_logprobs: how many most-likely tokens a logprobs request reports; eos_ids: ids that
-    end every request; tokenizer: for stop strings and streamed text.
+    end every request; tokenizer: for stop strings and streamed text. stall_steps: bound the
+    prefill of an iteration in which streams decode to this many decode steps' worth of time
+    (measured at warm-up; None = the token budget only); chunk_min: the smallest prefill bucket
+    (tokens, 1..63) compiled and used with stall_steps when a 64-token piece costs more.
     """
 
     def __init__(self, model, *, max_slots: int = 16, max_len: int = 4096, chunk: int = 256, steps: int = 8,
                  prefill_budget: int | None = None, prefix_blocks: int = 0, max_queue: int = 256,
                  top_logprobs: int = 0, eos_ids: Sequence[int] = (), tokenizer=None, candidates: int = 256,
-                 prefill_rows: int = 4):
+                 prefill_rows: int = 4, stall_steps: float | None = None, chunk_min: int = 16):
         module = getattr(model, "module", model)
         self.sm = SlotModel(module, max_slots=max_slots, max_len=max_len, chunk=chunk, steps=steps,
                             top_logprobs=top_logprobs, candidates=candidates)
@@ -165,6 +175,15 @@ class ServingEngine:
         self.prefill_budget = prefill_budget or chunk
         if self.prefill_budget % self.chunk_small:
             raise ValueError(f"prefill_budget must be a multiple of {self.chunk_small}, got {self.prefill_budget}")
+        if stall_steps is not None and not stall_steps > 0:
+            raise ValueError(f"stall_steps must be > 0, got {stall_steps}")
+        if not 1 <= chunk_min <= BLOCK:
+            raise ValueError(f"chunk_min must be in 1..{BLOCK}, got {chunk_min}")
+        self.stall_steps = stall_steps
+        # prefill buckets (tokens), largest first; the smallest only with a time bound
+        self.buckets = sorted({chunk, self.chunk_small} | ({min(chunk_min, self.chunk_small)} if stall_steps else set()),
+                              reverse=True)
+        self.costs: dict = {}                                   # warm-up wall seconds: bucket -> call, "step"
         self.max_queue = max_queue
         self.tokenizer = tokenizer
         self.eos = jnp.asarray(list(eos_ids) or [-2], jnp.int32)
@@ -273,24 +292,18 @@ class ServingEngine:
         return list(reqs)
 
     def warmup(self) -> int:
-        """Compile every device function once (an idle prefill call, an insert, a decode block,
-        a prefix save and load) without changing any slot; returns the compile count."""
+        """Compile every device function once (an idle prefill call per bucket, an insert, a
+        decode block, a prefix save and load) without changing any slot; with stall_steps, then
+        measure their costs (see _measure). Returns the compile count."""
         sm, p = self.sm, self.sm.lanes
-        lane = np.full((p,), -1, np.int32)
-        zeros = np.zeros((p,), np.int32)
-        self.slots, self._h = sm._prefill(sm.state, self.slots, self._lane_array(lane),
-                                          self._lane_array(np.zeros((p, self.chunk), np.int32)),
-                                          self._lane_array(zeros), self._lane_array(zeros), self._h)
+        for c in self.buckets:               # every prefill bucket
+            self._idle_prefill(c)
         free = next(s for lane_free in self._free for s in lane_free)
         res = sm._insert(sm.state, self.slots, jnp.int32(free), self._h, jnp.int32(0), jnp.int32(1), jnp.int32(1),
                          jnp.float32(0), jnp.float32(1), jnp.int32(0), jnp.zeros((2,), jnp.uint32),
                          jnp.zeros((2,), jnp.float32), self.eos)
         self.slots = sm._release(res[0], jnp.int32(free))
         self.slots = sm._decode(sm.state, self.slots, self.eos)[0]
-        if self.chunk_small != self.chunk:   # the second prefill bucket
-            self.slots, self._h = sm._prefill(sm.state, self.slots, self._lane_array(lane),
-                                              self._lane_array(np.zeros((p, self.chunk_small), np.int32)),
-                                              self._lane_array(zeros), self._lane_array(zeros), self._h)
         if self._h_rows is not None:         # the multi-row prefill, and insert reading its rows
             r = p * self.prefill_rows
             self.slots, self._h_rows = sm._prefill(sm.state, self.slots, self._lane_array(np.full((r,), -1, np.int32)),
@@ -306,7 +319,44 @@ class ServingEngine:
             self.slots = sm._load_prefix(self.slots, self.pool, jnp.int32(free), none)
             self.pool = sm._save_prefix(self.slots, self.pool, jnp.int32(free), none)
         jax.block_until_ready(self.slots)
+        if self.stall_steps is not None and not self._active:
+            self._measure()
         return self.compile_count()
+
+    def _idle_prefill(self, c: int) -> None:
+        """One prefill call of bucket c on idle lanes (computes, writes nothing)."""
+        sm, p = self.sm, self.sm.lanes
+        zeros = self._lane_array(np.zeros((p,), np.int32))
+        self.slots, self._h = sm._prefill(sm.state, self.slots, self._lane_array(np.full((p,), -1, np.int32)),
+                                          self._lane_array(np.zeros((p, c), np.int32)), zeros, zeros, self._h)
+
+    def _measure(self) -> None:
+        """Wall seconds of one decode step (a block with every slot decoding at position max_len,
+        whose cache writes are dropped; no slot changes) and of one prefill call of each bucket,
+        on the compiled functions (the cost of both follows the fixed shapes)."""
+        sm, sl = self.sm, self.slots
+        fake = dataclasses.replace(
+            sl, live=jnp.logical_not(sl.live), positions=sl.positions * 0 + self.max_len, count=sl.count * 0,
+            max_new=sl.max_new * 0 + sm.steps + 1,
+            **{f: jnp.copy(getattr(sl, f)) for f in ("tokens", "temperature", "top_p", "top_k", "seeds", "penalty",
+                                                     "counts")})
+        jax.block_until_ready(fake)
+        t0 = time.perf_counter()
+        out = sm._decode(sm.state, fake, self.eos)
+        steps = int(out[3])
+        self.costs["step"] = (time.perf_counter() - t0) / max(1, steps)
+        self.slots = dataclasses.replace(sl, caches=out[0].caches)
+        for c in self.buckets:
+            jax.block_until_ready(self.slots)
+            t0 = time.perf_counter()
+            self._idle_prefill(c)
+            jax.block_until_ready(self._h)
+            self.costs[c] = time.perf_counter() - t0
+        if jax.process_count() > 1:      # process 0's figures everywhere: every process schedules alike
+            from jax.experimental import multihost_utils
+            keys = ["step", *self.buckets]
+            vals = multihost_utils.broadcast_one_to_all(np.asarray([self.costs[k] for k in keys], np.float32))
+            self.costs = {k: float(v) for k, v in zip(keys, np.asarray(vals))}
 
     def compile_count(self) -> int:
         return self.sm.compile_count()
@@ -383,9 +433,15 @@ class ServingEngine:
         bucket) when less than a chunk of budget is left or every lane's prompt has at most 64
         tokens to go (an uncached tail is not padded to a full chunk). When several requests of
         a lane wait and no stream is decoding (or the budget holds prefill_rows chunks), one
-        call advances up to prefill_rows of them by a chunk each."""
+        call advances up to prefill_rows of them by a chunk each. With stall_steps, while
+        streams decode, a piece runs only if its measured cost fits in what is left of
+        stall_steps decode steps (the largest bucket that fits; the smallest when none does and
+        nothing ran yet), and no multi-row call runs."""
         sm, budget, c_big = self.sm, self.prefill_budget, self.chunk
-        while budget >= self.chunk_small:
+        smallest = self.buckets[-1]
+        timed = None                          # seconds left of this iteration's stall (time bound on)
+        first = True
+        while budget >= smallest:
             todo = sorted((a for a in self._active.values() if not a.live and not a.stopping),
                           key=lambda a: a.order)
             lanes: dict[int, list] = {}
@@ -394,14 +450,28 @@ class ServingEngine:
             if not lanes:
                 return
             decoding = any(a.live and not a.stopping for a in self._active.values())
+            if first and decoding and self.stall_steps is not None and "step" in self.costs:
+                timed = self.stall_steps * self.costs["step"]
             r = self.prefill_rows
-            multi = (r > 1 and any(len(v) > 1 for v in lanes.values()) and
+            multi = (timed is None and r > 1 and any(len(v) > 1 for v in lanes.values()) and
                      (budget >= r * c_big or (not decoding and budget >= c_big)))
             if not multi:
                 r = 1
             group = {lane: v[:r] for lane, v in lanes.items()}
             left = max(len(a.req.prompt) - a.cursor for v in group.values() for a in v)
             c = c_big if multi or (budget >= c_big and left > self.chunk_small) else self.chunk_small
+            if c > budget:                    # only the smallest bucket fits the budget's rest
+                c = smallest
+            if timed is not None:
+                fits = [b for b in self.buckets if b <= c and self.costs[b] <= timed]
+                if fits:
+                    c = fits[0]
+                elif first:
+                    c = smallest
+                else:
+                    return
+                timed -= self.costs[c]
+            first = False
             budget -= c * max(len(v) for v in group.values())
             n = sm.lanes * r
             slot_ids = np.full((n,), -1, np.int32)

@@ -65,7 +65,8 @@ def test_cli_arguments(capsys, tmp_path):
 
     a = parse_args(["--demo"])
     assert (a.host, a.port, a.served_model_name) == ("127.0.0.1", 8000, ["deepseek-chat", "deepseek-reasoner"])
-    for bad in ([], ["--demo", "--ckpt", "x"], ["--demo", "--max-len", "100"], ["--demo", "--max-slots", "0"]):
+    for bad in ([], ["--demo", "--ckpt", "x"], ["--demo", "--max-len", "100"], ["--demo", "--max-slots", "0"],
+                ["--demo", "--stall-steps", "0"]):
         with pytest.raises(SystemExit) as e:
             parse_args(bad)
         assert e.value.code == 2

@@ -239,3 +239,45 @@ def test_no_compilation_after_warmup(eng_prefix):
     assert all(len(r.top_logprobs) == len(r.tokens) for r in reqs if r.logprobs)
     assert eng_prefix.compile_count() == n
     assert eng_prefix.stats["cached_tokens"] > 0
+
+
+def test_time_bounded_prefill_equals_alone(model):
+    """stall_steps: warm-up measures a decode step and every prefill bucket (the 16-token one
+    compiled too); while streams decode, a long prompt is read in the pieces that fit the time
+    bound (costs set here so that only 16-token pieces fit, two per iteration: cursors off the
+    64-token grid), still every iteration; every request gives its tokens alone, and nothing
+    compiles after warm-up."""
+    eng = _engine(model, chunk=64, stall_steps=2.0, chunk_min=16)
+    n = eng.warmup()
+    assert eng.buckets == [64, 16] and set(eng.costs) == {"step", 64, 16}
+    assert all(v > 0 for v in eng.costs.values())
+    def reqs():
+        return [_req(40 + i, 20 + i, max_tokens=40, temperature=0.0) for i in range(2)] + [
+            _req(42, 150, max_tokens=6, temperature=0.0)]
+
+    alone = [_alone(eng, r).tokens for r in reqs()]
+    *streams, long = reqs()
+    eng.costs.update({"step": 1.0, 64: 3.0, 16: 1.0})
+    widths = []
+    prefill = eng.sm._prefill
+
+    def spy(state, slots, lane_slots, ids, *rest):
+        widths.append(int(ids.shape[1]))
+        return prefill(state, slots, lane_slots, ids, *rest)
+
+    eng.sm._prefill = spy
+    for r in streams:
+        eng.submit(r)
+    eng.step()
+    eng.step()
+    widths.clear()
+    eng.submit(long)
+    iters = 0
+    while not long.tokens:
+        eng.step()
+        iters += 1
+    assert widths == [16] * 10 and iters == 5         # 150 tokens: 2 pieces of 16 per iteration
+    eng.run_until_idle()
+    for r, want in zip((*streams, long), alone):
+        assert r.tokens == want
+    assert eng.compile_count() == n
