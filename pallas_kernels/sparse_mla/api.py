@@ -90,8 +90,9 @@ def sparse_mla(q, kv, indices, *, softmax_scale, v_dim, impl: str = "auto",
       "reference": the plain-jnp reference (gathers only the selected rows,
         `query_chunk` queries at a time); differentiated by jax directly;
       "xla": a jnp forward with the kernels' custom_vjp backward, shaped for `backend`:
-        None (CPU): blockwise, one query row per step in float32 (the fastest CPU path;
-        kernel_options may set rows_per_step); "tpu"/"gpu": xla.sparse_mla_rows, all rows
+        None (CPU): blockwise, in float32, as many query rows per step as keep the gathered
+        rows within the CPU's L2 (one row at the release's K x Dk; kernel_options may set
+        rows_per_step); "tpu"/"gpu": xla.sparse_mla_rows, all rows
         of a query chunk per step as batched matmuls in the cache dtype with float32
         accumulation (kernel_options may set query_chunk);
       "auto": the TPU kernel on TPU, the GPU kernel on GPU, the reference elsewhere;
