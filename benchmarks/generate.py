@@ -84,7 +84,7 @@ def bench_vs_transformers(batch: int, prompt_len: int, new_tokens: int, reps: in
         model = dsv32_jax.load(tmp, dtype=jnp.float32, numerics="exact")
     ids = np.random.RandomState(0).randint(2, TINY_HF["vocab_size"], (batch, prompt_len))
     greedy = SamplingParams(temperature=0.0)
-    eng = Engine(model, prefill_chunk=64, len_bucket=128, block=16)
+    eng = Engine(model, prefill_chunk=64, len_bucket=16, block=16)
     prompts = [list(map(int, r)) for r in ids]
     max_len = eng.max_len_for(prompt_len, new_tokens)
 

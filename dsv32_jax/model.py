@@ -147,6 +147,12 @@ class Block(nnx.Module):
         return h, idx, cache
 
 
+# Stacks of at most this many layers are unrolled: a scanned layer's matmuls read its weights
+# as dynamic slices of the stack, which XLA:CPU copies out on every step (a view when unrolled);
+# the program of a short stack stays small either way.
+UNROLL_MAX = 4
+
+
 class BlockStack(nnx.Module):
     """Decoder layers [first, first + n) of one structure (dense MLP or MoE), run by one scan.
 
@@ -203,7 +209,8 @@ class BlockStack(nnx.Module):
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=False)
         with jax.named_scope(f"layers_{self.first}_{self.first + self.n - 1}"):
-            (h, caches, _), (indices, written) = jax.lax.scan(body, (h, caches, jnp.int32(0)), stacked)
+            (h, caches, _), (indices, written) = jax.lax.scan(body, (h, caches, jnp.int32(0)), stacked,
+                                                              unroll=self.n <= UNROLL_MAX)
         if written:
             nnx.update(self.block, nnx.from_flat_state(list(written.items())))
         return h, indices, caches

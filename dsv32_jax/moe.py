@@ -157,21 +157,29 @@ def dense_is_cheaper(n: int, k: int, e: int, d: int, i: int) -> bool:
 
 
 def dense_routed(ops, x, weights, experts):
-    """Every token through every expert, then each token's k outputs combined as in
-    `combine_local`: x [N, D], weights/experts [N, k] -> float32 [N, D].
+    """Every token through every expert, the k chosen outputs summed with their weights:
+    x [N, D], weights/experts [N, k] -> float32 [N, D].
 
-    Three matmuls over the stacked weights (gate/up [E, D, I], down [E, I, D]) with the
-    numerics of `Experts.ffn` (float32 accumulation, SwiGLU in float32, each expert's
-    output rounded to x's dtype); the unchosen experts' outputs are computed and dropped."""
+    Batched matmuls over the stacked weights (gate/up [E, D, I], down [E, I, D]): gate and up
+    per expert on every token, the SwiGLU in float32, then each token's hidden rows scaled by
+    its routing weight per expert (0 for the unchosen ones) and one down contraction over
+    experts and hidden units together, which does the weighted sum as it contracts. float32
+    models: the numerics of `combine_local` up to the order of the float32 sums. Other dtypes
+    keep its rounding of each expert's output to x's dtype before the weighted sum."""
     f32 = jnp.float32
+    e = ops["gate"].shape[0]
     with jax.named_scope("dense_experts"):
-        xe = jnp.broadcast_to(x, (ops["gate"].shape[0],) + x.shape)                # [E, N, D]
+        xe = jnp.broadcast_to(x, (e,) + x.shape)                                  # [E, N, D]
         gate = jnp.einsum("end,edi->eni", xe, ops["gate"].astype(x.dtype), preferred_element_type=f32)
         up = jnp.einsum("end,edi->eni", xe, ops["up"].astype(x.dtype), preferred_element_type=f32)
-        hdn = (jax.nn.silu(gate) * up).astype(x.dtype)                          # [E, N, I]
-        y = jnp.einsum("eni,eid->ned", hdn, ops["down"].astype(x.dtype), preferred_element_type=f32)
-        y = jnp.take_along_axis(y.astype(x.dtype), experts[:, :, None], axis=1)     # [N, k, D]
-        return jnp.einsum("nkd,nk->nd", y.astype(f32), weights.astype(f32))
+        hdn = jax.nn.silu(gate) * up                                              # [E, N, I]
+        coef = jnp.sum(jnp.where(experts[None] == jnp.arange(e)[:, None, None],
+                                 weights.astype(f32)[None], 0.0), axis=2)           # [E, N]
+        down = ops["down"].astype(x.dtype)
+        if x.dtype == f32:
+            return jnp.einsum("eni,eid->nd", hdn * coef[:, :, None], down, precision=jax.lax.Precision.HIGHEST)
+        y = jnp.einsum("eni,eid->end", hdn.astype(x.dtype), down, preferred_element_type=f32)
+        return jnp.einsum("end,en->nd", y.astype(x.dtype).astype(f32), coef)
 
 
 def combine_local(fn, ops, x, weights, experts):

@@ -139,8 +139,11 @@ class Engine:
                 i, ds, out = carry
                 h, _, caches = m.hidden(ds.tokens[:, None], ds.positions[:, None], ds.caches)
                 logits = m.logits(h[:, 0])
-                key, sub = jax.random.split(ds.key)
-                nxt = sample(logits, sub, temperature, top_p, top_k, greedy=greedy)
+                if greedy:          # argmax: the key is not used (nor advanced)
+                    key, nxt = ds.key, sample(logits, None, temperature, top_p, top_k, greedy=True)
+                else:
+                    key, sub = jax.random.split(ds.key)
+                    nxt = sample(logits, sub, temperature, top_p, top_k)
                 live = ~ds.done
                 nxt = jnp.where(live, nxt, ds.tokens)
                 out = out.at[:, i].set(jnp.where(live, nxt, -1))

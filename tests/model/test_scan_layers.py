@@ -1,12 +1,13 @@
-"""The decoder layers run as one lax.scan per stack of same-structure layers: the lowered decode
-step does not grow with depth (it grew linearly while the layers were unrolled), and the
+"""The decoder layers run as one lax.scan per stack of same-structure layers (longer than
+UNROLL_MAX): the lowered decode step does not grow with depth (it grew linearly while the layers
+were unrolled), and the
 stacked layout maps one-to-one onto the per-layer checkpoint names."""
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dsv32_jax.config import load_config
-from dsv32_jax.model import RuntimeOptions, Transformer, layer_groups
+from dsv32_jax.model import UNROLL_MAX, RuntimeOptions, Transformer, layer_groups
 from dsv32_jax.params import abstract_params, checkpoint_paths, state_path
 from oracle import abstract_decode_step
 
@@ -27,12 +28,21 @@ def _decode_step_text(layers: int) -> str:
 
 
 def test_decode_step_does_not_grow_with_depth():
-    # 1 dense + 2 MoE layers vs 1 dense + 6 MoE layers: unrolled, the second program would be
-    # ~2.5x the first; scanned, only the loop bounds and stacked shapes differ. 2% leaves room
-    # for those digits while failing for one extra unrolled layer (~15% of the program here).
-    small, deep = _decode_step_text(3), _decode_step_text(7)
+    # 1 dense + 5 MoE layers vs 1 dense + 9 MoE layers (stacks longer than UNROLL_MAX): unrolled,
+    # the second program would be ~1.6x the first; scanned, only the loop bounds and stacked
+    # shapes differ. 2% leaves room for those digits while failing for one extra unrolled layer
+    # (~8% of the program here).
+    small, deep = _decode_step_text(6), _decode_step_text(10)
     assert small.count("stablehlo.while") == deep.count("stablehlo.while")
     assert abs(len(deep) - len(small)) <= 0.02 * len(small), (len(small), len(deep))
+
+
+def test_short_stacks_are_unrolled():
+    """A stack of at most UNROLL_MAX layers runs without a loop of its own (XLA:CPU copies a
+    scanned layer's weight slices out of the stack on every step); a longer one is a scan."""
+    assert UNROLL_MAX == 4
+    unrolled, scanned = _decode_step_text(4), _decode_step_text(6)     # 1 dense + 3 / 5 MoE layers
+    assert unrolled.count("stablehlo.while") == scanned.count("stablehlo.while") - 1
 
 
 def test_stacks_map_onto_per_layer_checkpoint_paths():
@@ -90,7 +100,8 @@ def test_decode_step_reads_and_writes_caches_in_place():
     cache shape [B, L, ...] is ever made (the scan used to slice each layer's cache out of the
     stack and write it back whole: a copy of every cache per decode step), and the compiled step
     updates the donated caches in place with less temporary memory than one layer's cache."""
-    cfg = load_config("configs/tiny.json").replace(num_hidden_layers=4, first_k_dense_replace=1)
+    # 1 dense + 5 MoE layers: the MoE stack is longer than UNROLL_MAX, so it is scanned
+    cfg = load_config("configs/tiny.json").replace(num_hidden_layers=6, first_k_dense_replace=1)
     batch, max_len = 3, 2048
     model = nnx.eval_shape(lambda: Transformer(cfg, RuntimeOptions(dtype=jnp.float32, attention_impl="xla"),
                                                rngs=nnx.Rngs(0)))
