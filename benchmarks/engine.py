@@ -120,13 +120,23 @@ def _static(engine, prompts, outs, arrivals, batch):
 
 
 def bench_throughput(module, args):
+    """(a): the same Poisson workload through continuous batching (16 slots), one request at a
+    time (1 slot) and static batches of 16 (`Engine.generate`), one after the other; then the
+    workload's prefill alone through the 16-slot engine (every request cut to one output token,
+    all submitted at once): one-at-a-time's time over it bounds what any batching of the decode
+    steps could give."""
     rs = np.random.RandomState(0)
     prompts, outs, arrivals = _workload(rs, args.requests, args)
     max_len = -(-(args.prompt_max + args.out_max) // 64) * 64
-    res = {}
+    rows = tuple(int(r) for r in str(args.prefill_rows).split(","))
+    res = {"requests": args.requests, "prompt_tokens": sum(map(len, prompts)), "prefill_rows": rows}
+    engines = {}
     for name, slots in (("continuous_16", 16), ("one_at_a_time", 1)):
-        eng = ServingEngine(module, max_slots=slots, max_len=max_len, chunk=args.chunk, steps=args.steps,
-                            prefill_budget=args.chunk * 2)
+        # several prompts' chunks per prefill call while streams decode (one call's fixed cost,
+        # reading every weight, shared): a budget of the largest row bucket's chunks per iteration
+        engines[name] = eng = ServingEngine(module, max_slots=slots, max_len=max_len, chunk=args.chunk,
+                                            steps=args.steps, prefill_budget=args.chunk * max(2, *rows),
+                                            prefill_rows=rows)
         eng.warmup()
         toks, dt = _serve(eng, prompts, outs, arrivals)
         res[name] = {"output_tokens": toks, "seconds": round(dt, 2), "tokens_per_s": round(toks / dt, 1)}
@@ -134,9 +144,12 @@ def bench_throughput(module, args):
     static.generate(prompts[:16], max_new_tokens=2, sampling=SamplingParams(temperature=0.0))   # compile
     toks, dt = _static(static, prompts, outs, arrivals, 16)
     res["static_16"] = {"output_tokens": toks, "seconds": round(dt, 2), "tokens_per_s": round(toks / dt, 1)}
+    _, pre = _serve(engines["continuous_16"], prompts, [1] * len(prompts), np.zeros(len(prompts)))
+    res["prefill_only_16_seconds"] = round(pre, 2)
     c = res["continuous_16"]["tokens_per_s"]
     res["continuous_over_one_at_a_time"] = round(c / res["one_at_a_time"]["tokens_per_s"], 2)
     res["continuous_over_static"] = round(c / res["static_16"]["tokens_per_s"], 2)
+    res["one_at_a_time_over_prefill_only"] = round(res["one_at_a_time"]["seconds"] / pre, 2)
     return res
 
 
@@ -240,6 +253,10 @@ def main():
     ap.add_argument("--out-max", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--prefill-rows", default="4,16",
+                    help="(a): row buckets of the continuous engine's prefill calls (prompts advanced together)")
+    ap.add_argument("--vocab", type=int, default=129280,
+                    help="(a): vocabulary of the served model (default the release's; (b) and (c) use 8192)")
     ap.add_argument("--cached-prompt", type=int, default=4096)
     ap.add_argument("--long-prompt", type=int, default=16384)
     ap.add_argument("--stall-tokens", type=int, default=48)
@@ -264,7 +281,10 @@ def main():
            "backend": jax.default_backend(), "threads": threading.active_count()}
     only = set(args.only.split(","))
     if "throughput" in only:
-        out["throughput"] = bench_throughput(module, args)
+        # the release's vocabulary: the output projection every decode step reads is then the
+        # share of a step it is in the real model
+        out["throughput"] = bench_throughput(_model(MODEL.replace(vocab_size=args.vocab), args.kv_cache), args)
+        out["throughput"]["vocab"] = args.vocab
     if "prefix" in only:
         out["prefix_ttft"] = bench_prefix(module, args)
     if "stall" in only:

@@ -153,9 +153,10 @@ class ServingEngine:
     of 64; it bounds the stall of running streams: ~3 decode steps' worth keeps their p99
     inter-token latency within 3x of the median on CPU); prefix_blocks: 64-token entries of the prefix
     pool (0 = no prefix cache); prefill_rows: prompts of one lane prefilled together in one
-    call (a third compiled shape, [lanes x prefill_rows, chunk]) when several wait and no stream
-    runs or the budget holds that many chunks — on CPU a prefill call's fixed cost (reading
-    and converting every expert's weights) is shared; 1 = one prompt per lane; max_queue: waiting requests beyond which submit() refuses;
+    call (a compiled shape [lanes x rows, chunk] per value; an int or several, e.g. (4, 16))
+    when several wait and no stream runs or the budget holds that many chunks: the smallest
+    row count that takes every waiting prompt, else the largest — on CPU a prefill call's
+    fixed cost (reading and converting every weight) is shared; 1 = one prompt per lane; max_queue: waiting requests beyond which submit() refuses;
     top_logprobs: how many most-likely tokens a logprobs request reports; eos_ids: ids that
     end every request; tokenizer: for stop strings and streamed text. stall_steps: bound the
     prefill of an iteration in which streams decode to this many decode steps' worth of time
@@ -166,7 +167,7 @@ class ServingEngine:
     def __init__(self, model, *, max_slots: int = 16, max_len: int = 4096, chunk: int = 256, steps: int = 8,
                  prefill_budget: int | None = None, prefix_blocks: int = 0, max_queue: int = 256,
                  top_logprobs: int = 0, eos_ids: Sequence[int] = (), tokenizer=None, candidates: int = 256,
-                 prefill_rows: int = 4, stall_steps: float | None = None, chunk_min: int = 16):
+                 prefill_rows: int | Sequence[int] = 4, stall_steps: float | None = None, chunk_min: int = 16):
         module = getattr(model, "module", model)
         self.sm = SlotModel(module, max_slots=max_slots, max_len=max_len, chunk=chunk, steps=steps,
                             top_logprobs=top_logprobs, candidates=candidates)
@@ -196,8 +197,12 @@ class ServingEngine:
         lanes, per = self.sm.lanes, self.sm.slots_per_lane
         self._free = [list(range((p + 1) * per - 1, p * per - 1, -1)) for p in range(lanes)]   # per lane
         self._h = self.sm.new_h()
-        self.prefill_rows = max(1, min(prefill_rows, per))
-        self._h_rows = self.sm.new_h(self.prefill_rows) if self.prefill_rows > 1 else None
+        rows = (prefill_rows,) if isinstance(prefill_rows, int) else tuple(prefill_rows)
+        if not rows or any(not isinstance(r, int) or r < 1 for r in rows):
+            raise ValueError(f"prefill_rows must be positive ints, got {prefill_rows!r}")
+        self.row_buckets = sorted({min(r, per) for r in rows} - {1})       # multi-row call shapes
+        self.prefill_rows = max(self.row_buckets, default=1)
+        self._h_rows = {r: self.sm.new_h(r) for r in self.row_buckets}
         self._pending = None                                    # (outputs, {slot: _Active}) of the last block
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -304,13 +309,13 @@ class ServingEngine:
                          jnp.zeros((2,), jnp.float32), self.eos)
         self.slots = sm._release(res[0], jnp.int32(free))
         self.slots = sm._decode(sm.state, self.slots, self.eos)[0]
-        if self._h_rows is not None:         # the multi-row prefill, and insert reading its rows
-            r = p * self.prefill_rows
-            self.slots, self._h_rows = sm._prefill(sm.state, self.slots, self._lane_array(np.full((r,), -1, np.int32)),
-                                                   self._lane_array(np.zeros((r, self.chunk), np.int32)),
-                                                   self._lane_array(np.zeros((r,), np.int32)),
-                                                   self._lane_array(np.zeros((r,), np.int32)), self._h_rows)
-            res = sm._insert(sm.state, self.slots, jnp.int32(free), self._h_rows, jnp.int32(0), jnp.int32(1),
+        for rows in self.row_buckets:        # each multi-row prefill, and insert reading its rows
+            r = p * rows
+            self.slots, self._h_rows[rows] = sm._prefill(
+                sm.state, self.slots, self._lane_array(np.full((r,), -1, np.int32)),
+                self._lane_array(np.zeros((r, self.chunk), np.int32)), self._lane_array(np.zeros((r,), np.int32)),
+                self._lane_array(np.zeros((r,), np.int32)), self._h_rows[rows])
+            res = sm._insert(sm.state, self.slots, jnp.int32(free), self._h_rows[rows], jnp.int32(0), jnp.int32(1),
                              jnp.int32(1), jnp.float32(0), jnp.float32(1), jnp.int32(0), jnp.zeros((2,), jnp.uint32),
                              jnp.zeros((2,), jnp.float32), self.eos)
             self.slots = sm._release(res[0], jnp.int32(free))
@@ -432,8 +437,10 @@ class ServingEngine:
         earliest waiting request of every lane by one chunk: `chunk` tokens, or 64 (the small
         bucket) when less than a chunk of budget is left or every lane's prompt has at most 64
         tokens to go (an uncached tail is not padded to a full chunk). When several requests of
-        a lane wait and no stream is decoding (or the budget holds prefill_rows chunks), one
-        call advances up to prefill_rows of them by a chunk each. With stall_steps, while
+        a lane wait and no stream is decoding (or the budget holds that many chunks), one call
+        advances several of them by a chunk each: as many as the smallest row bucket taking
+        every lane's waiting prompts holds (else the largest that the budget holds, or the
+        largest when no stream decodes). With stall_steps, while
         streams decode, a piece runs only if its measured cost fits in what is left of
         stall_steps decode steps (the largest bucket that fits; the smallest when none does and
         nothing ran yet), and no multi-row call runs."""
@@ -452,9 +459,8 @@ class ServingEngine:
             decoding = any(a.live and not a.stopping for a in self._active.values())
             if first and decoding and self.stall_steps is not None and "step" in self.costs:
                 timed = self.stall_steps * self.costs["step"]
-            r = self.prefill_rows
-            multi = (timed is None and r > 1 and any(len(v) > 1 for v in lanes.values()) and
-                     (budget >= r * c_big or (not decoding and budget >= c_big)))
+            r = self._rows_for(max(len(v) for v in lanes.values()), budget, decoding)
+            multi = timed is None and r > 1
             if not multi:
                 r = 1
             group = {lane: v[:r] for lane, v in lanes.items()}
@@ -484,10 +490,11 @@ class ServingEngine:
                     part = a.req.prompt[a.cursor:a.cursor + c]
                     slot_ids[row], starts[row], lasts[row] = a.slot, a.cursor, len(a.req.prompt) - 1
                     ids[row, :len(part)] = part
-            h = self._h_rows if multi else self._h
+            self.stats[f"prefill_calls_rows_{r}"] += 1
+            h = self._h_rows[r] if multi else self._h
             self.slots, h = sm._prefill(sm.state, self.slots, *map(self._lane_array, (slot_ids, ids, starts, lasts)), h)
             if multi:
-                self._h_rows = h
+                self._h_rows[r] = h
             else:
                 self._h = h
             for lane, v in group.items():
@@ -497,6 +504,20 @@ class ServingEngine:
                     self.stats["prefill_tokens"] += done
                     if a.cursor >= len(a.req.prompt):
                         self._go_live(a, lane * r + j, h)
+
+    def _rows_for(self, waiting: int, budget: int, decoding: bool) -> int:
+        """Rows of the next prefill call when a lane has `waiting` prompts to prefill: 1, or the
+        smallest row bucket >= waiting, else the largest the budget holds in full chunks (any
+        bucket when no stream decodes and a chunk fits)."""
+        if waiting < 2 or not self.row_buckets:
+            return 1
+        if not decoding and budget >= self.chunk:
+            fits = self.row_buckets
+        else:
+            fits = [r for r in self.row_buckets if budget >= r * self.chunk]
+        if not fits:
+            return 1
+        return next((r for r in fits if r >= waiting), fits[-1])
 
     def _lane_array(self, x):
         """A host array [P, ...] onto the devices, lane p on batch shard p (every process holds the

@@ -93,6 +93,27 @@ def test_staggered_requests_equal_alone(eng4):
         assert r.finish_reason == "length" and len(r.tokens) == r.max_tokens
 
 
+def test_row_buckets_of_prefill_equal_alone(model):
+    """Waiting prompts prefilled together: two in a 2-row call, a burst of six in an 8-row call
+    (the smallest row bucket that takes them all), and both buckets compiled at warm-up only;
+    each request gives the tokens it gives alone (prefilled by itself)."""
+    eng = _engine(model, max_slots=8, prefill_rows=(2, 8))
+    eng.warmup()
+    compiled = eng.compile_count()
+    cases = MIXED + [(52, dict(max_tokens=4, temperature=0.0)), (17, dict(max_tokens=8, temperature=0.5, seed=9))]
+    alone = [_alone(eng, _req(i, n, **kw)).tokens for i, (n, kw) in enumerate(cases)]
+    assert eng.stats["prefill_calls_rows_2"] == eng.stats["prefill_calls_rows_8"] == 0
+    pair = [_req(i, n, **kw) for i, (n, kw) in enumerate(cases[:2])]
+    eng.generate(pair)
+    assert eng.stats["prefill_calls_rows_2"] >= 1 and eng.stats["prefill_calls_rows_8"] == 0
+    burst = [_req(i, n, **kw) for i, (n, kw) in enumerate(cases[2:], start=2)]
+    eng.generate(burst)
+    assert eng.stats["prefill_calls_rows_8"] >= 1
+    for r, want in zip(pair + burst, alone):
+        assert r.tokens == want
+    assert eng.compile_count() == compiled
+
+
 def test_greedy_equals_transformers(eng4, hf_tiny):
     hf, _ = hf_tiny
     reqs = [_req(10, 27, max_tokens=10, temperature=0.0), _req(11, 45, max_tokens=10, temperature=0.0)]
