@@ -154,8 +154,8 @@ class ServingEngine:
     inter-token latency within 3x of the median on CPU); prefix_blocks: 64-token entries of the prefix
     pool (0 = no prefix cache); prefill_rows: prompts of one lane prefilled together in one
     call (a compiled shape [lanes x rows, chunk] per value; an int or several, e.g. (4, 16))
-    when several wait and no stream runs or the budget holds that many chunks: the smallest
-    row count that takes every waiting prompt, else the largest — on CPU a prefill call's
+    when several wait and no stream runs or the budget holds that many chunks: the largest
+    row count whose rows all have a prompt (see _rows_for) — on CPU a prefill call's
     fixed cost (reading and converting every weight) is shared; 1 = one prompt per lane; max_queue: waiting requests beyond which submit() refuses;
     top_logprobs: how many most-likely tokens a logprobs request reports; eos_ids: ids that
     end every request; tokenizer: for stop strings and streamed text. stall_steps: bound the
@@ -438,9 +438,8 @@ class ServingEngine:
         bucket) when less than a chunk of budget is left or every lane's prompt has at most 64
         tokens to go (an uncached tail is not padded to a full chunk). When several requests of
         a lane wait and no stream is decoding (or the budget holds that many chunks), one call
-        advances several of them by a chunk each: as many as the smallest row bucket taking
-        every lane's waiting prompts holds (else the largest that the budget holds, or the
-        largest when no stream decodes). With stall_steps, while
+        advances several of them by a chunk each (the row bucket of _rows_for). With
+        stall_steps, while
         streams decode, a piece runs only if its measured cost fits in what is left of
         stall_steps decode steps (the largest bucket that fits; the smallest when none does and
         nothing ran yet), and no multi-row call runs."""
@@ -506,18 +505,19 @@ class ServingEngine:
                         self._go_live(a, lane * r + j, h)
 
     def _rows_for(self, waiting: int, budget: int, decoding: bool) -> int:
-        """Rows of the next prefill call when a lane has `waiting` prompts to prefill: 1, or the
-        smallest row bucket >= waiting, else the largest the budget holds in full chunks (any
-        bucket when no stream decodes and a chunk fits)."""
+        """Rows of the next prefill call when a lane has `waiting` prompts to prefill: the largest
+        row bucket <= waiting (every row useful), or the smallest when at least half of it is;
+        else 1. Only buckets whose full chunks fit the budget, unless no stream decodes."""
         if waiting < 2 or not self.row_buckets:
             return 1
         if not decoding and budget >= self.chunk:
             fits = self.row_buckets
         else:
             fits = [r for r in self.row_buckets if budget >= r * self.chunk]
-        if not fits:
-            return 1
-        return next((r for r in fits if r >= waiting), fits[-1])
+        full = [r for r in fits if r <= waiting]
+        if full:
+            return full[-1]
+        return fits[0] if fits and 2 * waiting >= fits[0] else 1
 
     def _lane_array(self, x):
         """A host array [P, ...] onto the devices, lane p on batch shard p (every process holds the
