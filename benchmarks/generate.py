@@ -2,15 +2,19 @@
 
 (a) "vs_transformers": decode tokens/s of our engine vs transformers' `generate` on the same tiny
     random checkpoint (float32, exact numerics, greedy, same batch and prompt length), one row
-    per batch (--batch 1,4,16). On CPU our routed experts run as three plain matmuls over
-    all 16 experts at these batches (dsv32_jax.moe.dense_routed), the tiled grouped matmul
-    for longer inputs (prefill). Decode rate = B * (N - 1) / (time(N new tokens) -
-    time(1 new token)), i.e. prefill and the first token excluded; ours is measured after
-    compilation. transformers' generate slows down far more than our engine when other
-    processes load the CPU (on a 2-core machine running other jobs the batch-1 ratio
-    came out at 260x against ~14x idle), so the ratio is only meaningful on an idle machine.
-    Idle 2-core CPU, --batch 1,4,16 --reps 5: 21x / 11x / 6.95x (ours 6,370 / 11,000 / 22,280
-    tokens/s; the previous engine 19,350 at batch 16, 7.0x, in the same hour).
+    per batch (--batch 1,4,16). Our engine sizes the cache to the prompt and the new tokens
+    (len_bucket 16: 80 slots here) and decodes them in one dispatch (block 64); on CPU its routed
+    experts run as batched matmuls over all 16 experts at these batches, the routing weights
+    folded into one down contraction (dsv32_jax.moe.dense_routed), the tiled grouped matmul for
+    longer inputs (prefill), and the two MoE layers are unrolled (model.UNROLL_MAX). Decode
+    rate = B * (N - 1) / (time(N new tokens) - time(1 new token)), i.e. prefill and the first
+    token excluded; each time is the best of --reps runs, ours after compilation.
+    transformers' generate slows down far more than our engine when other processes load the
+    CPU (on a 2-core machine running other jobs the batch-1 ratio came out at 260x against ~22x
+    idle), so the ratio is only meaningful on an idle machine. Idle 2-core CPU, --batch 1,4,16
+    --reps 10: 22x / 17x / 11.6x (ours 5,770 / 16,580 / 33,050 tokens/s, transformers 263 /
+    966 / 2,849); two more batch-16 runs: 12.65x (--reps 10) and 10.05x (--reps 5). Before these
+    changes (cache of 128 slots, blocks of 16, per-expert down matmuls, scanned layers): 7.2x.
 (b) "dsa_vs_dense": our jitted decode step (one token per row, logits included) of a 2-layer
     model with the release's attention dims (128 heads, 576-wide latent cache with 512-d latent,
     64 indexer heads x 128, index_topk 2048) and a few small experts, at contexts 1K/8K/32K,
@@ -84,7 +88,7 @@ def bench_vs_transformers(batch: int, prompt_len: int, new_tokens: int, reps: in
         model = dsv32_jax.load(tmp, dtype=jnp.float32, numerics="exact")
     ids = np.random.RandomState(0).randint(2, TINY_HF["vocab_size"], (batch, prompt_len))
     greedy = SamplingParams(temperature=0.0)
-    eng = Engine(model, prefill_chunk=64, len_bucket=16, block=16)
+    eng = Engine(model, prefill_chunk=64, len_bucket=16, block=64)
     prompts = [list(map(int, r)) for r in ids]
     max_len = eng.max_len_for(prompt_len, new_tokens)
 
@@ -181,7 +185,7 @@ def main(argv=None):
     p.add_argument("--batch", default="1,4,16",
                    help="comma-separated batches of the transformers comparison (default 1,4,16)")
     p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=10)
     p.add_argument("--skip-hf", action="store_true", help="skip (a)")
     p.add_argument("--skip-dsa", action="store_true", help="skip (b)")
     args = p.parse_args(argv)
