@@ -356,7 +356,7 @@ class SlotModel:
                     jnp.zeros((s, self.cfg.vocab_size), jnp.int32))
 
         out = None
-        if self.batch_axes is not None:
+        if self.mesh is not None:        # split over the batch axes, or replicated (batch not split)
             out = tuple(NamedSharding(self.mesh, PS(self.batch_axes, *([None] * n))) for n in (0,) * 8 + (1, 1, 1))
         return Slots(caches, *jax.jit(fields, out_shardings=out)())
 
@@ -371,8 +371,13 @@ class SlotModel:
         return jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), out_shardings=out)()
 
     def new_h(self, rows_per_lane: int = 1):
-        """Per-row final hidden states [P x rows_per_lane, D] (prefill's running output)."""
-        return jnp.zeros((self.lanes * rows_per_lane, self.cfg.hidden_size), self.module.options.dtype)
+        """Per-row final hidden states [P x rows_per_lane, D] (prefill's running output), lane p's
+        rows on batch shard p under a mesh, replicated when the batch is not split (where
+        prefill leaves them: born elsewhere, the
+        first prefill call after warm-up would compile again for the new placement)."""
+        shape, dtype = (self.lanes * rows_per_lane, self.cfg.hidden_size), self.module.options.dtype
+        out = None if self.mesh is None else NamedSharding(self.mesh, PS(self.batch_axes, None))
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=out)()
 
     def compile_count(self) -> int:
         """Traces (= compilations) of the device functions so far (for the no-recompile check)."""
