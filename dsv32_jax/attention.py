@@ -37,6 +37,7 @@ from dsv32_jax.indexer import Indexer
 from dsv32_jax.layers import Linear, RMSNorm, rope_interleaved
 from dsv32_jax.numerics import act_quant, fp8_round_trip
 from dsv32_jax.kernel_sharding import sharded_indexer_topk, sharded_sparse_mla
+from dsv32_jax.bits import bits_dtype
 from dsv32_jax.sharding import spec_for
 from pallas_kernels.common import platform_backend
 from pallas_kernels.sparse_mla import CompactKV
@@ -153,11 +154,11 @@ def _scatter_rows(cache, positions, rows, layer=None):
         bits = jax.lax.bitcast_convert_type(rows.astype(BITS_HOLD[jnp.dtype(cache.dtype)]), cache.dtype)
         return _scatter(cache, positions, bits, layer)
     rows = rows.astype(cache.dtype)
-    bits_dtype = _bits_dtype(cache.dtype)
-    if bits_dtype is None:
+    ub = bits_dtype(cache.dtype)
+    if ub is None:
         return _scatter(cache, positions, rows, layer)
-    bits = _scatter(jax.lax.bitcast_convert_type(cache, bits_dtype), positions,
-                    jax.lax.bitcast_convert_type(rows, bits_dtype), layer)
+    bits = _scatter(jax.lax.bitcast_convert_type(cache, ub), positions,
+                    jax.lax.bitcast_convert_type(rows, ub), layer)
     return jax.lax.bitcast_convert_type(bits, cache.dtype)
 
 
@@ -178,14 +179,6 @@ def _scatter(cache, positions, rows, layer):
 
 # unsigned-int bits -> the float they hold in a bit-held cache (LayerCache.as_bits)
 BITS_HOLD = {jnp.dtype(jnp.uint16): jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.uint8): jnp.dtype(jnp.float8_e4m3fn)}
-
-
-def _bits_dtype(dtype):
-    """The unsigned-int type a float narrower than 32 bits is moved as (None for others)."""
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize >= 4:
-        return None
-    return {1: jnp.dtype(jnp.uint8), 2: jnp.dtype(jnp.uint16)}[dtype.itemsize]
 
 
 class MLA(nnx.Module):

@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dsv32_jax.bits import as_bits, from_bits
+
 IMPLS = ("auto", "ragged", "tiles")
 
 
@@ -61,7 +63,9 @@ def _tiles(x, w, group_sizes, tile):
     g, _, n = w.shape
     n_pairs, t = tiled_shape(m, g, tile)
     n_tiles = -(-m // t)
-    xp = jnp.pad(x, ((0, n_tiles * t - m), (0, 0)))
+    dt = x.dtype
+    xp = as_bits(jnp.pad(x, ((0, n_tiles * t - m), (0, 0))))
+    wb = as_bits(w.astype(dt))
     sizes = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
     row_group = jnp.searchsorted(ends, jnp.arange(n_tiles * t, dtype=jnp.int32), side="right")   # G = past the end
@@ -77,9 +81,9 @@ def _tiles(x, w, group_sizes, tile):
 
     def body(out, p):
         tile_i, grp, ok = p
-        rows = jax.lax.dynamic_slice_in_dim(xp, tile_i * t, t, 0)
-        wg = jax.lax.dynamic_index_in_dim(w, jnp.minimum(grp, g - 1), 0, keepdims=False)
-        y = jnp.dot(rows, wg.astype(rows.dtype), preferred_element_type=jnp.float32)
+        rows = from_bits(jax.lax.dynamic_slice_in_dim(xp, tile_i * t, t, 0), dt)
+        wg = from_bits(jax.lax.dynamic_index_in_dim(wb, jnp.minimum(grp, g - 1), 0, keepdims=False), dt)
+        y = jnp.dot(rows, wg, preferred_element_type=jnp.float32)
         mine = (jax.lax.dynamic_slice_in_dim(row_group, tile_i * t, t, 0) == grp) & ok
         cur = jax.lax.dynamic_slice_in_dim(out, tile_i * t, t, 0)
         return jax.lax.dynamic_update_slice_in_dim(out, cur + jnp.where(mine[:, None], y, 0.0), tile_i * t, 0), None

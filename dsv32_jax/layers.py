@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv32_jax.bits import take_rows
 from dsv32_jax.config import ModelConfig
 from dsv32_jax.fp8_matmul import fp8_matmul
 from dsv32_jax.numerics import dequant_blocks
@@ -96,7 +97,7 @@ class Embed(nnx.Module):
         self.embedding = param(rngs, (vocab, dim), dtype, ("vocab", "embed"))
 
     def __call__(self, ids):
-        return jnp.take(self.embedding[...], ids, axis=0)
+        return take_rows(self.embedding[...], ids)
 
 
 class RMSNorm(nnx.Module):

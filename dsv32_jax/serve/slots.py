@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
-from dsv32_jax.attention import BITS_HOLD, _bits_dtype
+from dsv32_jax.attention import BITS_HOLD
+from dsv32_jax.bits import bits_dtype
 from dsv32_jax.model import cache_batch_axes, per_layer
 from dsv32_jax.serve.sampling import apply_penalties, count_tokens, sample_rows, token_logprobs
 
@@ -105,10 +106,10 @@ def _scatter(x, index, value):
     """x.at[index].set(value), dropping out-of-range rows; narrow float arrays (float8, bf16)
     are scattered as their unsigned-int bits (XLA has no float8 scatter on some backends, and
     XLA:CPU scatters bf16 through a float32 copy of the whole array)."""
-    bits_dtype = _bits_dtype(x.dtype)
-    if bits_dtype is not None:
-        bits = jax.lax.bitcast_convert_type(x, bits_dtype)
-        bits = bits.at[index].set(jax.lax.bitcast_convert_type(value.astype(x.dtype), bits_dtype), mode="drop")
+    ub = bits_dtype(x.dtype)
+    if ub is not None:
+        bits = jax.lax.bitcast_convert_type(x, ub)
+        bits = bits.at[index].set(jax.lax.bitcast_convert_type(value.astype(x.dtype), ub), mode="drop")
         return jax.lax.bitcast_convert_type(bits, x.dtype)
     return x.at[index].set(value.astype(x.dtype), mode="drop")
 

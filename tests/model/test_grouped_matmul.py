@@ -97,3 +97,22 @@ def test_dense_choice_follows_cost():
     assert not dense_is_cheaper(512, 4, 16, 64, 32)
     assert not dense_is_cheaper(16, 4, 16, 1024, 512)
     assert not dense_is_cheaper(16, 8, 256, 7168, 2048)
+
+
+def test_tiles_bf16_reads_the_weights_as_they_are():
+    """bfloat16 rows and weights: the tiled form equals the float64 reference of the same
+    values, and the CPU program never makes a float32 copy of the stacked weights (XLA:CPU
+    computes a slice of a bfloat16 array inside a loop through a float32 copy of the whole
+    operand: every expert's weights converted on every call)."""
+    m, g, k, n = 300, 16, 64, 32
+    rs = np.random.RandomState(3)
+    sizes = np.bincount(rs.randint(0, g, m), minlength=g).astype(np.int32)
+    x = jnp.asarray(rs.randn(m, k), jnp.bfloat16)
+    w = jnp.asarray(rs.randn(g, k, n), jnp.bfloat16)
+    fn = jax.jit(lambda x, w, s: grouped_matmul(x, w, s, impl="tiles"))
+    got = fn(x, w, jnp.asarray(sizes))
+    # bfloat16 x bfloat16 products are exact in float32; 64 of them summed in float32: ~1e-6
+    np.testing.assert_allclose(np.asarray(got), reference(np.asarray(x, np.float32), np.asarray(w, np.float32), sizes),
+                               rtol=1e-5, atol=1e-4)
+    text = fn.lower(x, w, jnp.asarray(sizes)).compile().as_text()
+    assert f"f32[{g},{k},{n}]" not in text
