@@ -35,15 +35,18 @@ within one run, absolute times are not comparable between runs):
       2.55x and 2.75x, first token 42 s and 27 s; --quick (1K prompt): 2.3-2.5x.
   (a) idle 2-core CPU, defaults (24 requests at 4/s, prompts 64-2048 and outputs 16-256 drawn
       uniformly: 24,118 prompt and 3,097 output tokens; vocabulary 129,280; prefill row buckets
-      4 and 16): continuous 95.5 s, one at a time 342.9 s, static 133.3 s: 3.6x and 1.4x
-      (targets 8x and 1.5x missed). The workload's prefill alone through the 16-slot engine
-      takes 45.9 s, so one-at-a-time over continuous batching is bounded by 7.5x even if every
-      decode step were free: on this CPU a prompt token costs ~1.2-2 ms to prefill (compute
-      bound at ~130 GFLOP/s) and a decode step 113-125 ms at batch 1-16, and the prompts hold
-      7.8x the output tokens. The same run with a single 4-row bucket: 3.35x / 1.34x (97.4 s;
-      prefill alone 45.2 s); buckets chosen as the smallest taking every waiting prompt (many
-      part-empty 16-row calls): 3.12x / 1.30x. An earlier build with the 8192 vocabulary and
-      12 requests of <= 1024 + 128 tokens: 2.66x / 0.85x.
+      4 and 16; static batches with every batch shape compiled before timing): continuous
+      80.4 s, one at a time 310.7 s, static 115.6 s: 3.85x and 1.44x (targets 8x and 1.5x
+      missed; separate runs of the continuous and static parts: 79.6-79.8 s against 117.4 and
+      123.6 s, 1.47-1.55x). The workload's prefill alone through the 16-slot engine takes
+      48.9 s, so one-at-a-time over continuous batching is bounded by 6.4x even if every
+      decode step were free: on this CPU a prompt token costs ~1.3-1.5 ms to prefill (compute
+      bound) and a batch-16 decode step ~91 ms, and the prompts hold 7.8x the output tokens.
+      Before bfloat16 gathers and expert slices moved as bits (a float32 copy of the whole
+      embedding table and expert stacks per call and per decode block): 95.5 / 342.9 / 133.3 s
+      (3.6x, 1.4x; static then also compiled its 8-row shapes inside the timed run). With a
+      single 4-row bucket: 3.35x / 1.34x; buckets chosen as the smallest taking every waiting
+      prompt (many part-empty 16-row calls): 3.12x / 1.30x.
 
     python benchmarks/engine.py [--requests 24] [--rate 4] [--quick]
 """
@@ -147,7 +150,8 @@ def bench_throughput(module, args):
         toks, dt = _serve(eng, prompts, outs, arrivals)
         res[name] = {"output_tokens": toks, "seconds": round(dt, 2), "tokens_per_s": round(toks / dt, 1)}
     static = Engine(module, prefill_chunk=args.chunk, len_bucket=max_len, block=args.steps)
-    static.generate(prompts[:16], max_new_tokens=2, sampling=SamplingParams(temperature=0.0))   # compile
+    for i in range(0, len(prompts), 16):         # compile every batch shape of the run before timing it
+        static.generate(prompts[i:i + 16], max_new_tokens=2, sampling=SamplingParams(temperature=0.0))
     toks, dt = _static(static, prompts, outs, arrivals, 16)
     res["static_16"] = {"output_tokens": toks, "seconds": round(dt, 2), "tokens_per_s": round(toks / dt, 1)}
     _, pre = _serve(engines["continuous_16"], prompts, [1] * len(prompts), np.zeros(len(prompts)))
