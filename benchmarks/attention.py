@@ -232,6 +232,76 @@ def _gpu_time(fn, *args, reps=20):
     return statistics.median(rounds)
 
 
+def _selection_check(sel, q, k, w, pos, **kw):
+    """A kernel's top-k selection against the reference's, tie-aware: rows whose index sets are
+    equal, and the largest gap between the reference scores of the two selections, sorted."""
+    from pallas_kernels.indexer_topk import reference as idx_reference
+    ref = idx_reference.indexer_topk(q, k, w, topk=sel.shape[-1], q_positions=pos, **kw)
+    scores = idx_reference.indexer_scores(q, k, w, q_positions=pos, **kw)
+
+    def picked(i):
+        return jnp.sort(jnp.where(i >= 0, jnp.take_along_axis(scores, jnp.maximum(i, 0), -1), -jnp.inf), -1)
+
+    same = jnp.all(jnp.sort(sel, -1) == jnp.sort(ref, -1), -1)
+    a, b = picked(sel), picked(ref)
+    gap = jnp.where(jnp.isfinite(a) | jnp.isfinite(b), jnp.abs(a - b), 0.0)
+    return {"rows_equal": float(jnp.mean(same)), "max_score_gap": float(jnp.max(gap)),
+            "valid_equal": bool(jnp.all(jnp.sum(sel >= 0, -1) == jnp.sum(ref >= 0, -1)))}
+
+
+def _path_checks(checks, rel, impl="pallas", backend=None):
+    """The kernels' paths the model takes, on the device against the plain-jnp reference: a
+    stacked per-layer cache read with a traced `layer` (prefill and decode), the compact FP8
+    latent cache, and the indexer (f32 and FP8 keys, stacked, few heads as in small models)."""
+    from pallas_kernels.indexer_topk import indexer_topk
+    from pallas_kernels.sparse_mla.compact import CompactKV, dense
+
+    def run(name, fn):
+        try:
+            checks.append({"kernel": name, **fn()})
+        except Exception as e:  # noqa: BLE001 - report and go on
+            checks.append({"kernel": name, "error": repr(e)[:600]})
+
+    ks = jax.random.split(jax.random.key(4), 6)
+    n, B, T, L, K, h = 3, 2, 5, 2048, 300, 16
+    q = jax.random.normal(ks[0], (B, T, h, DK), jnp.float32).astype(BF16)
+    kv = jax.random.normal(ks[1], (n, B, L, DK), jnp.float32).astype(BF16)
+    idx = jax.random.randint(ks[2], (B, T, K), 0, L)
+    idx = jnp.where(jax.random.uniform(ks[3], (B, T, K)) < 0.2, -1, idx)
+    layer = jnp.int32(1)
+    ref = mla_reference.sparse_mla(q, kv[1], idx, softmax_scale=SCALE, v_dim=DV)
+    for variant in ("prefill", "decode"):
+        f = jax.jit(lambda a, b, c, l, v=variant: sparse_mla(a, b, c, softmax_scale=SCALE, v_dim=DV,
+                                                             impl=impl, backend=backend, variant=v, layer=l))
+        run(f"stacked_layer_{variant}_bf16_h16", lambda f=f: {"max_rel_err": rel(f(q, kv, idx, layer), ref)})
+    lat = jax.random.normal(ks[4], (n, B, L, DV), jnp.float32)
+    scale = jnp.max(jnp.abs(lat.reshape(n, B, L, 4, DV // 4)), -1) / 448.0
+    comp = CompactKV((lat.reshape(n, B, L, 4, DV // 4) / scale[..., None]).reshape(n, B, L, DV)
+                     .astype(jnp.float8_e4m3fn), scale, kv[..., DV:])
+    ref_c = mla_reference.sparse_mla(q, dense(comp)[1], idx, softmax_scale=SCALE, v_dim=DV)
+    for variant in ("prefill", "decode"):
+        f = jax.jit(lambda a, b, c, l, v=variant: sparse_mla(a, b, c, softmax_scale=SCALE, v_dim=DV,
+                                                             impl=impl, backend=backend, variant=v, layer=l))
+        run(f"compact_fp8_{variant}", lambda f=f: {"max_rel_err": rel(f(q, comp, idx, layer), ref_c)})
+
+    Ti, Li, topk = 64, 3000, 256
+    pos = jnp.broadcast_to(Li - Ti + jnp.arange(Ti, dtype=jnp.int32), (B, Ti))
+    for hi, di in ((64, 128), (4, 64)):
+        qi = jax.random.normal(ks[0], (B, Ti, hi, di), jnp.float32)
+        ki = jax.random.normal(ks[1], (n, B, Li, di), jnp.float32)
+        wi = jax.random.uniform(ks[2], (B, Ti, hi), jnp.float32)
+        f = jax.jit(lambda a, b, c, p, **kw: indexer_topk(a, b, c, topk=topk, q_positions=p, impl=impl, backend=backend, **kw))
+        run(f"indexer_f32_h{hi}x{di}", lambda: _selection_check(f(qi, ki[0], wi, pos), qi, ki[0], wi, pos))
+        run(f"indexer_stacked_layer_h{hi}x{di}",
+            lambda: _selection_check(f(qi, ki, wi, pos, layer=layer), qi, ki[1], wi, pos))
+        k8 = ki[0].astype(jnp.float8_e4m3fn)
+        s8 = jax.random.uniform(ks[3], (B, Li), jnp.float32, 0.5, 1.5)
+        lens = jnp.array([Li, Li - 700], jnp.int32)
+        run(f"indexer_fp8_keys_ragged_h{hi}x{di}",
+            lambda: _selection_check(f(qi.astype(BF16), k8, wi, pos, k_scale=s8, kv_lengths=lens), qi.astype(BF16),
+                                     k8, wi, pos, k_scale=s8, kv_lengths=lens))
+
+
 def gpu_main(args):
     from pallas_kernels.sparse_mla import gpu
 
@@ -285,6 +355,7 @@ def gpu_main(args):
                               "dkv_rel_err": rel(g[1], gr[1])})
     except Exception as e:  # noqa: BLE001
         out["checks"].append({"kernel": "ragged/grad", "error": repr(e)[:600]})
+    _path_checks(out["checks"], rel)
     print(json.dumps(out["checks"]), file=sys.stderr, flush=True)
 
     # decode bandwidth: 64 sequences x 1 query, H=128, K=2048, L=64K, bf16.

@@ -83,9 +83,9 @@ MODEL = ModelConfig(
     fp8_block_size=None)
 
 
-def _model(cfg, kv_cache="dense"):
-    return Transformer(cfg, RuntimeOptions(dtype=jnp.bfloat16, numerics="reference", kv_cache=kv_cache),
-                       rngs=nnx.Rngs(0))
+def _model(cfg, kv_cache="dense", attention_impl="auto"):
+    return Transformer(cfg, RuntimeOptions(dtype=jnp.bfloat16, numerics="reference", kv_cache=kv_cache,
+                                           attention_impl=attention_impl), rngs=nnx.Rngs(0))
 
 
 def _workload(rs, n, args):
@@ -113,6 +113,17 @@ def _serve(eng, prompts, outs, arrivals):
     dt = time.perf_counter() - t0
     assert all(len(r.tokens) == o for r, o in zip(reqs, outs))
     return sum(outs), dt
+
+
+def _occupancy(eng, slots, requests):
+    """Decode blocks and steps of a fresh engine's run of `requests` requests, and the mean live
+    rows per decode step (the tokens the decode steps sampled over the steps; each request's
+    first token comes from its prefill)."""
+    st = eng.stats
+    steps = st["decode_steps"]
+    return {"decode_blocks": st["decode_blocks"], "decode_steps": steps,
+            "live_rows_per_step": round((st["generated_tokens"] - requests) / max(steps, 1), 2),
+            "of_slots": slots}
 
 
 def _static(engine, prompts, outs, arrivals, batch):
@@ -148,7 +159,8 @@ def bench_throughput(module, args):
                                             prefill_rows=rows)
         eng.warmup()
         toks, dt = _serve(eng, prompts, outs, arrivals)
-        res[name] = {"output_tokens": toks, "seconds": round(dt, 2), "tokens_per_s": round(toks / dt, 1)}
+        res[name] = {"output_tokens": toks, "seconds": round(dt, 2), "tokens_per_s": round(toks / dt, 1),
+                     **_occupancy(eng, slots, len(prompts))}
     static = Engine(module, prefill_chunk=args.chunk, len_bucket=max_len, block=args.steps)
     for i in range(0, len(prompts), 16):         # compile every batch shape of the run before timing it
         static.generate(prompts[i:i + 16], max_new_tokens=2, sampling=SamplingParams(temperature=0.0))
@@ -281,19 +293,23 @@ def main():
     ap.add_argument("--kv-cache", choices=("dense", "fp8"), default="dense",
                     help="the MLA latent cache of the served model: dense (bf16 latent + rope key) or fp8 (the "
                          "compact FP8 cache: e4m3 latent + float32 scales + bf16 rope key)")
+    ap.add_argument("--attention-impl", choices=("auto", "xla", "pallas"), default="auto",
+                    help="the attention ops of the served model (auto: the Pallas kernels on TPU/GPU, XLA on CPU)")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.prompt_max, args.out_max, args.cached_prompt, args.long_prompt = 6, 256, 32, 512, 1024
         args.stall_tokens = 16
-    module = _model(MODEL, args.kv_cache)
+    module = _model(MODEL, args.kv_cache, args.attention_impl)
     out = {"model": {"layers": MODEL.num_hidden_layers, "hidden": MODEL.hidden_size, "experts": MODEL.n_routed_experts,
                      "index_topk": MODEL.index_topk, "dtype": "bfloat16"},
-           "backend": jax.default_backend(), "threads": threading.active_count()}
+           "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+           "attention_impl": args.attention_impl, "threads": threading.active_count()}
     only = set(args.only.split(","))
     if "throughput" in only:
         # the release's vocabulary: the output projection every decode step reads is then the
         # share of a step it is in the real model
-        out["throughput"] = bench_throughput(_model(MODEL.replace(vocab_size=args.vocab), args.kv_cache), args)
+        out["throughput"] = bench_throughput(_model(MODEL.replace(vocab_size=args.vocab), args.kv_cache,
+                                                      args.attention_impl), args)
         out["throughput"]["vocab"] = args.vocab
     if "prefix" in only:
         out["prefix_ttft"] = bench_prefix(module, args)

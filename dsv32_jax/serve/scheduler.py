@@ -43,7 +43,7 @@ import numpy as np
 from dsv32_jax.generate.engine import _TextStream
 from dsv32_jax.generate.sampling import check_sampling
 from dsv32_jax.serve.prefix_cache import PrefixCache, block_keys
-from dsv32_jax.serve.slots import BLOCK, SlotModel
+from dsv32_jax.serve.slots import BLOCK, SlotModel, seed_word
 
 
 _FIELDS = ("prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "logprobs",
@@ -204,6 +204,7 @@ class ServingEngine:
         self.prefill_rows = max(self.row_buckets, default=1)
         self._h_rows = {r: self.sm.new_h(r) for r in self.row_buckets}
         self._pending = None                                    # (outputs, {slot: _Active}) of the last block
+        self._inserted: list = []                               # (_Active, insert outputs) not yet read
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -304,10 +305,8 @@ class ServingEngine:
         for c in self.buckets:               # every prefill bucket
             self._idle_prefill(c)
         free = next(s for lane_free in self._free for s in lane_free)
-        res = sm._insert(sm.state, self.slots, jnp.int32(free), self._h, jnp.int32(0), jnp.int32(1), jnp.int32(1),
-                         jnp.float32(0), jnp.float32(1), jnp.int32(0), jnp.zeros((2,), jnp.uint32),
-                         jnp.zeros((2,), jnp.float32), self.eos)
-        self.slots = sm._release(res[0], jnp.int32(free))
+        res = sm._insert(*self._insert_args(free, self._h, 0, Request([0, 0], max_tokens=1, temperature=0.0)))
+        self.slots = sm._release(res[0], np.int32(free))
         self.slots = sm._decode(sm.state, self.slots, self.eos)[0]
         for rows in self.row_buckets:        # each multi-row prefill, and insert reading its rows
             r = p * rows
@@ -315,14 +314,13 @@ class ServingEngine:
                 sm.state, self.slots, self._lane_array(np.full((r,), -1, np.int32)),
                 self._lane_array(np.zeros((r, self.chunk), np.int32)), self._lane_array(np.zeros((r,), np.int32)),
                 self._lane_array(np.zeros((r,), np.int32)), self._h_rows[rows])
-            res = sm._insert(sm.state, self.slots, jnp.int32(free), self._h_rows[rows], jnp.int32(0), jnp.int32(1),
-                             jnp.int32(1), jnp.float32(0), jnp.float32(1), jnp.int32(0), jnp.zeros((2,), jnp.uint32),
-                             jnp.zeros((2,), jnp.float32), self.eos)
-            self.slots = sm._release(res[0], jnp.int32(free))
+            res = sm._insert(*self._insert_args(free, self._h_rows[rows], 0,
+                                                Request([0, 0], max_tokens=1, temperature=0.0)))
+            self.slots = sm._release(res[0], np.int32(free))
         if self.pool is not None:        # entries -1: nothing moves
-            none = jnp.asarray(np.full((self.max_len // BLOCK,), -1, np.int32))
-            self.slots = sm._load_prefix(self.slots, self.pool, jnp.int32(free), none)
-            self.pool = sm._save_prefix(self.slots, self.pool, jnp.int32(free), none)
+            none = np.full((self.max_len // BLOCK,), -1, np.int32)
+            self.slots = sm._load_prefix(self.slots, self.pool, np.int32(free), none)
+            self.pool = sm._save_prefix(self.slots, self.pool, np.int32(free), none)
         jax.block_until_ready(self.slots)
         if self.stall_steps is not None and not self._active:
             self._measure()
@@ -377,12 +375,14 @@ class ServingEngine:
         new = None
         live = {s: a for s, a in self._active.items() if a.live and not a.stopping}
         if any(a.req.constraint is not None for a in live.values()):
+            self._first_tokens()                 # a constrained row's next mask follows its tokens
             self._masked_step()
             return
         if live:
             res = self.sm._decode(self.sm.state, self.slots, self.eos)
             self.slots = res[0]
             new = (res[1:], live)
+        self._first_tokens()                     # read while the block runs (the inserts ran before it)
         pending, self._pending = self._pending, new
         if pending is not None:                  # read the previous block while this one runs
             self._consume(*pending)
@@ -405,7 +405,7 @@ class ServingEngine:
                 m = a.req.constraint.mask(a.req.tokens)
                 if m is not None:
                     masks[slot] = m
-        res = self.sm._decode_masked(self.sm.state, self.slots, self.eos, jnp.asarray(masks))
+        res = self.sm._decode_masked(self.sm.state, self.slots, self.eos, masks)
         self.slots = res[0]
         self._consume(res[1:], live)
 
@@ -424,7 +424,7 @@ class ServingEngine:
                 if entries:
                     table = np.full((self.max_len // BLOCK,), -1, np.int32)
                     table[:len(entries)] = entries
-                    self.slots = self.sm._load_prefix(self.slots, self.pool, jnp.int32(slot), jnp.asarray(table))
+                    self.slots = self.sm._load_prefix(self.slots, self.pool, np.int32(slot), table)
                 cursor = len(entries) * BLOCK
             req.cached_tokens = cursor
             self.stats["prompt_tokens"] += len(req.prompt)
@@ -521,27 +521,44 @@ class ServingEngine:
 
     def _lane_array(self, x):
         """A host array [P, ...] onto the devices, lane p on batch shard p (every process holds the
-        same value and places only its own shards)."""
+        same value and places only its own shards); without a mesh the numpy array itself, which
+        the jitted call transfers with its other arguments."""
         if self.sm.batch_axes is None:
-            return jnp.asarray(x)
+            return x
         from dsv32_jax.sharding import put
         from jax.sharding import NamedSharding, PartitionSpec
         return put(x, NamedSharding(self.sm.mesh, PartitionSpec(self.sm.batch_axes, *([None] * (x.ndim - 1)))))
 
+    def _insert_args(self, slot: int, h, row: int, r: Request) -> tuple:
+        """Arguments of the insert device function for request r into `slot` (its prompt's last
+        hidden state h[row]). Host scalars go as numpy values, which the jitted call transfers
+        with the call (no eager device op each); the seed as uint32, the key made on the device."""
+        seed = 0 if r.seed is None else r.seed
+        return (self.sm.state, self.slots, np.int32(slot), h, np.int32(row), np.int32(len(r.prompt)),
+                np.int32(r.max_tokens), np.float32(r.temperature), np.float32(r.top_p), np.int32(r.top_k),
+                seed_word(seed), np.asarray([r.presence_penalty, r.frequency_penalty], np.float32),
+                self.eos)
+
     def _go_live(self, a: _Active, row: int, h) -> None:
+        """Arm a's slot with its first token. The token is read later (_first_tokens, after the
+        iteration's decode block is dispatched), so that the host does not wait for the device
+        between prefill calls."""
         r, sm = a.req, self.sm
         # the engine's EOS ids stop a row on the device; a request's own stop ids on the host
-        args = (sm.state, self.slots, jnp.int32(a.slot), h, jnp.int32(row), jnp.int32(len(r.prompt)),
-                jnp.int32(r.max_tokens), jnp.float32(r.temperature), jnp.float32(r.top_p),
-                jnp.int32(r.top_k), jnp.asarray(jax.random.key_data(jax.random.key(r.seed)), jnp.uint32),
-                jnp.asarray([r.presence_penalty, r.frequency_penalty], jnp.float32), self.eos)
+        args = self._insert_args(a.slot, h, row, r)
         mask = None if r.constraint is None else r.constraint.mask([])
-        res = sm._insert(*args) if mask is None else sm._insert_masked(*args, jnp.asarray(mask, jnp.int32))
+        res = sm._insert(*args) if mask is None else sm._insert_masked(*args, np.asarray(mask, np.int32))
         self.slots = res[0]
         a.live = True
         self._save_prefix(a.slot, list(r.prompt))
-        tops = (np.asarray(res[4])[None], np.asarray(res[5])[None]) if sm.top_logprobs else None
-        self._deliver(a, np.asarray(res[1])[None], np.asarray(res[2])[None], tops)
+        self._inserted.append((a, res[1:]))
+
+    def _first_tokens(self) -> None:
+        """Deliver the first tokens of the requests armed this iteration."""
+        inserted, self._inserted = self._inserted, []
+        for a, res in inserted:
+            tops = (np.asarray(res[3])[None], np.asarray(res[4])[None]) if self.sm.top_logprobs else None
+            self._deliver(a, np.asarray(res[0])[None], np.asarray(res[1])[None], tops)
 
     def _save_prefix(self, slot: int, tokens: list) -> None:
         if self.prefix is None:
@@ -558,13 +575,15 @@ class ServingEngine:
                 break
             table[b] = e
         if (table >= 0).any():
-            self.pool = self.sm._save_prefix(self.slots, self.pool, jnp.int32(slot), jnp.asarray(table))
+            self.pool = self.sm._save_prefix(self.slots, self.pool, np.int32(slot), table)
 
     # ---------------------------------------------------------------- host side of a block
     def _consume(self, outputs, snapshot) -> None:
         toks = np.asarray(outputs[0])
         lps = np.asarray(outputs[1])
         n = int(outputs[2])
+        self.stats["decode_blocks"] += 1
+        self.stats["decode_steps"] += n                   # steps the block ran (its rows: max_slots)
         tops = (np.asarray(outputs[3]), np.asarray(outputs[4])) if len(outputs) > 3 else None
         for slot, a in snapshot.items():
             if a.stopping or self._active.get(slot) is not a:
@@ -608,7 +627,7 @@ class ServingEngine:
         r = a.req
         if reason != "cancelled" and a.live and self.prefix is not None:
             self._save_prefix(a.slot, list(r.prompt) + r.tokens[:-1])
-        self.slots = self.sm._release(self.slots, jnp.int32(a.slot))
+        self.slots = self.sm._release(self.slots, np.int32(a.slot))
         if self._active.get(a.slot) is a:
             del self._active[a.slot]
             self._free[self.sm.lane_of(a.slot)].append(a.slot)

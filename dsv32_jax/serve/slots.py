@@ -35,6 +35,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as PS
 
@@ -81,6 +82,19 @@ def _penalised(sl):
 
 def _row_keys(seeds, count):
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.wrap_key_data(s), c))(seeds, count)
+
+
+def seed_word(seed: int) -> np.uint32:
+    """A request's seed (any Python int) as the uint32 the insert takes: the seed modulo 2**32,
+    the bits jax.random.key keeps of an int when 64-bit types are off."""
+    return np.uint32(seed % (1 << 32))
+
+
+def seed_key_data(seed):
+    """Key data of a request's PRNG stream from its seed (uint32 scalar, the seed modulo 2**32),
+    computed on the device: the same as jax.random.key_data(jax.random.key(seed)) on the host,
+    without the handful of eager device ops that costs per admitted request."""
+    return jax.random.key_data(jax.random.key(seed))
 
 
 def _psum_bits(x, axes):
@@ -208,6 +222,7 @@ class SlotModel:
             m = nnx.merge(gd, state)
             logits = m.logits(host_view(h)[lane][None])
             sample_logits = logits if mask is None else apply_token_mask(logits, mask[None])
+            seed = seed_key_data(seed)
             seeds = _set_row(slots.seeds, slot, seed)
             key = _row_keys(seed[None], jnp.zeros((1,), jnp.int32))
             tok = sample_rows(sample_logits, key, temperature[None], top_p[None], top_k[None], candidates=candidates)

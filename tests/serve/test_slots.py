@@ -8,6 +8,7 @@ shapes whatever the other slots hold, and copied prefix rows are the rows prefil
 """
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -177,6 +178,17 @@ def test_penalty_functions_match_numpy():
     want = counts.copy()
     want[np.arange(b)[active], toks[active]] += 1
     np.testing.assert_array_equal(got, want)
+
+
+def test_seed_key_made_on_device_equals_host_key():
+    """The insert makes a request's key on the device from its seed word: the same key data as
+    jax.random.key(seed) on the host, for seeds inside and beyond the 32-bit range."""
+    from dsv32_jax.serve.slots import seed_key_data, seed_word
+
+    on_device = jax.jit(seed_key_data)
+    for seed in (0, 1, 1234, 2**31 - 1, 2**31, 2**32 - 1, 2**32 + 7, 12345678901, -5):
+        np.testing.assert_array_equal(np.asarray(on_device(seed_word(seed))),
+                                      np.asarray(jax.random.key_data(jax.random.key(seed))))
 
 
 def test_seeded_request_same_alone_and_among_15(eng16):
