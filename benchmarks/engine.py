@@ -349,6 +349,9 @@ def main():
     ap.add_argument("--attention-impl", choices=("auto", "xla", "pallas"), default="auto",
                     help="the attention ops of the served model (auto: the Pallas kernels on TPU/GPU, XLA on CPU)")
     args = ap.parse_args()
+    kernel_impls = args.kernel_impls.split(",")
+    if len(kernel_impls) != 2 or not set(kernel_impls) <= {"pallas", "interpret", "xla", "auto"}:
+        ap.error(f"--kernel-impls: two of pallas, interpret, xla, auto, comma-separated; got {args.kernel_impls!r}")
     if args.quick:
         args.requests, args.prompt_max, args.out_max, args.cached_prompt, args.long_prompt = 6, 256, 32, 512, 1024
         args.stall_tokens = 16
